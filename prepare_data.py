@@ -1,0 +1,579 @@
+"""Text in, token shards out: the data pipeline for pretraining, and the batch reader training uses.
+
+    python prepare_data.py                                   # built-in offline corpus -> data/builtin/
+    python prepare_data.py configs/data_tinystories.yaml     # a Hugging Face hub dataset (needs internet)
+    python prepare_data.py source='my_texts/*.jsonl' out_dir=data/mine text_field=content
+    python prepare_data.py --help                            # every key
+
+Sources (`source=`):
+- `builtin` (default, offline): the running Python's standard library source files, comments and
+  docstrings included: ~11 MB of real human-written English and code on every machine with Python.
+- `hf:NAME` a hub dataset through `datasets.load_dataset` (split, text field, optional streaming).
+- a local path or glob of `.txt`, `.jsonl`/`.json` or `.parquet` files, read by the same `datasets` API.
+
+Pipeline, with how many documents each step removed printed and saved in meta.json:
+    normalize (Unicode NFC, control characters, newlines) -> filter (empty, too short, too long,
+    mostly non-text) -> exact dedup by hash -> train/val split by document hash -> train the
+    tokenizer on the train docs (unless one is given) -> tokenize in parallel -> shards.
+The filters are the cheapest of the Gopher rules (Rae et al. 2021, "Scaling Language Models",
+appendix A); exact dedup by content hash is the first step of every modern pipeline (Lee et al.
+2022, "Deduplicating Training Data Makes Language Models Better").
+
+Output directory (written to a temporary name and renamed into place, never overwritten unless
+`overwrite=true`):
+    tokenizer.model, tokenizer_config.json     the SentencePiece tokenizer (tokenizer.py)
+    train_000.bin ..., val_000.bin             token shards, see "Shard format" below
+    meta.json                                  counts, tokenizer sha256, source, vocab, bytes/token
+    sft_train.jsonl, dpo_train.jsonl, test.jsonl   the built-in tasks (tasks.py), when present
+
+Shard format: a 32-byte little-endian header -- magic b"Z2STOKEN", format version (u32), bytes
+per token (u32: 2 or 4), token count (u64), 8 reserved bytes -- then the tokens as uint16 (uint32
+when the vocabulary does not fit in 16 bits). Every document is framed as BOS ... EOS and the
+documents are concatenated, so a training window may span a document boundary (as in GPT-2) and
+the model learns what a boundary looks like. The header makes a truncated or foreign file an error
+instead of silent garbage: nanoGPT's bare .bin files cannot tell.
+
+`TokenStream` reads shards through np.memmap (the OS pages data in; nothing is loaded up front)
+and yields (x, y) batches. Its whole position is a few plain ints, so training resumes on exactly
+the batch it would have seen, and under data parallelism every rank takes its own rows of each
+global batch, so the ranks together see the stream exactly once.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import shutil
+import struct
+import sysconfig
+import tempfile
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from config import UserError, run_cli, to_dict
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # builtin | hf:NAME (hub dataset) | local file or glob (.txt, .jsonl, .json, .parquet)
+    out_dir: str = "data/builtin"  # output directory (refused if it exists with other settings, see overwrite)
+    overwrite: bool = False  # replace an existing out_dir
+    hf_config: str = ""  # hub dataset configuration name, e.g. wikitext-103-raw-v1
+    split: str = "train"  # hub dataset split to read
+    text_field: str = "text"  # column holding the text (hub, .jsonl and .parquet sources)
+    streaming: bool = False  # stream a hub dataset instead of downloading it whole (use with max_docs/max_mb)
+    txt_sample_by: str = "document"  # .txt files: one document per file, line or paragraph
+    max_docs: int = 0  # stop reading after this many documents (0 = no limit)
+    max_mb: float = 0.0  # stop reading after this many MB of raw text (0 = no limit)
+    min_chars: int = 64  # drop documents shorter than this after normalizing
+    max_chars: int = 1_000_000  # drop documents longer than this (a dump, a data table)
+    min_text_fraction: float = 0.65  # drop documents where letters+whitespace are below this fraction
+    val_fraction: float = 0.02  # share of documents held out for validation (chosen by content hash)
+    seed: int = 0  # salts the validation hash, so another seed holds out other documents
+    tokenizer: str = ""  # existing tokenizer (dir or .model file); empty = train one on the train docs
+    vocab_size: int = 4096  # vocabulary of the trained tokenizer
+    model_type: str = "bpe"  # trained tokenizer's algorithm: bpe | unigram
+    tokenizer_train_mb: float = 16.0  # MB of train text (from the start) the tokenizer is trained on
+    num_proc: int = 2  # tokenizer worker processes
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    tasks: bool = True  # also write the built-in SFT/DPO/test tasks (tasks.py) into out_dir
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.source:
+            errors.append("source must not be empty (builtin, hf:NAME or a file path/glob)")
+        if not self.out_dir:
+            errors.append("out_dir must not be empty")
+        if self.min_chars < 0 or self.max_chars <= self.min_chars:
+            errors.append(f"need 0 <= min_chars < max_chars, got {self.min_chars} and {self.max_chars}")
+        if not 0.0 <= self.min_text_fraction <= 1.0:
+            errors.append(f"min_text_fraction must be in [0, 1], got {self.min_text_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            errors.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_docs < 0 or self.max_mb < 0 or self.tokenizer_train_mb <= 0:
+            errors.append("max_docs and max_mb must be >= 0 and tokenizer_train_mb > 0")
+        if self.num_proc < 1:
+            errors.append(f"num_proc must be >= 1, got {self.num_proc}")
+        if self.shard_tokens < 1024:
+            errors.append(f"shard_tokens must be >= 1024, got {self.shard_tokens}")
+        if self.vocab_size < 64:
+            errors.append(f"vocab_size must be >= 64, got {self.vocab_size}")
+        if self.model_type not in ("bpe", "unigram"):
+            errors.append(f"model_type must be bpe or unigram, got {self.model_type!r}")
+        if self.txt_sample_by not in ("document", "line", "paragraph"):
+            errors.append(f"txt_sample_by must be document, line or paragraph, got {self.txt_sample_by!r}")
+        if self.tokenizer and not os.path.exists(self.tokenizer):
+            errors.append(f"tokenizer not found: {self.tokenizer}")
+        return errors
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def stdlib_files() -> list[str]:
+    """The standard library's .py files in a fixed order, without tests and installed packages."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Sorting in place fixes os.walk's order, which otherwise follows the file system.
+        dirnames[:] = sorted(d for d in dirnames if "test" not in d and d not in ("site-packages", "__pycache__"))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py") and not f.startswith("test")]
+    return files
+
+
+def _local_files(pattern: str) -> tuple[str, list[str]]:
+    """A path or glob -> (datasets builder name, sorted files). Mixed or unknown types are refused."""
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"source '{pattern}' matches no file (use builtin, hf:NAME or a path/glob)")
+    builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    kinds = {builders.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if os.path.splitext(f)[1].lower() not in builders)
+        raise UserError(f"{bad}: unsupported file type (use .txt, .jsonl, .json or .parquet)")
+    if len(kinds) > 1:
+        raise UserError(f"source '{pattern}' mixes file types {sorted(kinds)}; give one type per run")
+    return kinds.pop(), files
+
+
+def iter_source(cfg: DataConfig) -> Iterator[str]:
+    """Raw documents from cfg.source, in a deterministic order, up to max_docs / max_mb."""
+    if cfg.source == "builtin":
+        rows: Iterable = ({"text": open(f, encoding="utf-8", errors="replace").read()} for f in stdlib_files())
+        field = "text"
+    else:
+        import datasets  # imported here: slow to import, and the built-in source does not need it
+
+        datasets.logging.set_verbosity_error()
+        field = cfg.text_field
+        try:
+            if cfg.source.startswith("hf:"):
+                rows = datasets.load_dataset(
+                    cfg.source[3:], cfg.hf_config or None, split=cfg.split, streaming=cfg.streaming
+                )
+            else:
+                builder, files = _local_files(cfg.source)
+                extra = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
+                rows = datasets.load_dataset(builder, data_files=files, split="train", **extra)
+                field = "text" if builder == "text" else field
+        except UserError:
+            raise
+        except Exception as e:  # datasets raises many types; the user needs the first line, not a traceback
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"source '{cfg.source}' could not be read: {msg}") from None
+        columns = getattr(rows, "column_names", None)
+        if columns is not None and field not in columns:
+            raise UserError(f"source '{cfg.source}' has no column '{field}' (columns: {columns}); set text_field=")
+    n_bytes = 0
+    for i, row in enumerate(rows):
+        if (cfg.max_docs and i >= cfg.max_docs) or (cfg.max_mb and n_bytes >= cfg.max_mb * 1e6):
+            return
+        text = row.get(field)
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"source '{cfg.source}' row {i}: '{field}' is {type(text).__name__}, not text")
+        text = text or ""
+        n_bytes += len(text.encode("utf-8"))
+        yield text
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+# Control characters (Unicode category Cc) other than newline and tab carry no text and confuse
+# tokenizers; \r is mapped to \n first so that Windows and old Mac line ends survive as newlines.
+_DROP_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)])  # all of Cc but \t \n
+
+
+def normalize(text: str) -> str:
+    """NFC, one newline convention, no control characters, no surrounding whitespace."""
+    text = unicodedata.normalize("NFC", text)  # one code point sequence per visible string (e + ´ -> é)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.translate(_DROP_CONTROLS).strip()
+
+
+def filter_reason(text: str, cfg: DataConfig) -> str | None:
+    """Why a normalized document is dropped (a key of the removal counts), or None to keep it."""
+    if not text:
+        return "empty"
+    if len(text) < cfg.min_chars:
+        return "too_short"
+    if len(text) > cfg.max_chars:
+        return "too_long"
+    # Letters + whitespace: prose and code are well above 0.65, hex dumps and lookup tables below.
+    text_chars = sum(1 for c in text if c.isalpha() or c.isspace())
+    if text_chars < cfg.min_text_fraction * len(text):
+        return "non_text"
+    return None
+
+
+def clean(texts: Iterable[str], cfg: DataConfig) -> tuple[list[str], dict[str, int]]:
+    """normalize -> filter -> exact dedup. Returns the kept documents and per-step removal counts."""
+    counts = {"read": 0, "empty": 0, "too_short": 0, "too_long": 0, "non_text": 0, "duplicate": 0}
+    seen: set[bytes] = set()
+    kept = []
+    for text in texts:
+        counts["read"] += 1
+        text = normalize(text)
+        reason = filter_reason(text, cfg)
+        if reason is None:
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            reason = "duplicate" if digest in seen else None
+            seen.add(digest)
+        if reason is None:
+            kept.append(text)
+        else:
+            counts[reason] += 1
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+def is_val(text: str, val_fraction: float, seed: int = 0) -> bool:
+    """Hold a document out by its content hash: the same text is always on the same side."""
+    digest = hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def split_train_val(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    train = [d for d in docs if not is_val(d, val_fraction, seed)]
+    val = [d for d in docs if is_val(d, val_fraction, seed)]
+    if val_fraction > 0 and not val and len(docs) > 1:
+        val.append(train.pop())  # a tiny corpus still gets a validation document
+    return train, val
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+_worker_tok = None  # each worker process loads its own tokenizer once (SentencePiece objects stay in-process)
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tok
+    from tokenizer import Tokenizer
+
+    _worker_tok = Tokenizer(tokenizer_path)
+
+
+def _encode_chunk(docs: list[str]) -> np.ndarray:
+    """Documents -> one int64 array of BOS doc EOS BOS doc EOS ..."""
+    tok = _worker_tok
+    ids = []
+    for d in docs:
+        ids.append(tok.bos_id)
+        ids.extend(tok.encode(d))
+        ids.append(tok.eos_id)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def tokenize_docs(docs: list[str], tokenizer_path: str, num_proc: int = 1, chunk: int = 32) -> Iterator[np.ndarray]:
+    """Encode documents in `num_proc` processes; yields token arrays in document order."""
+    chunks = [docs[i : i + chunk] for i in range(0, len(docs), chunk)]
+    if num_proc == 1:  # same code path, no process start-up cost
+        _init_worker(tokenizer_path)
+        yield from map(_encode_chunk, chunks)
+        return
+    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        yield from pool.imap(_encode_chunk, chunks)  # imap keeps order, so the shards are deterministic
+
+
+# ----------------------------------------------------------------------------- shard format
+
+MAGIC = b"Z2STOKEN"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes per token, token count, reserved -> 32 bytes
+_DTYPES = {2: np.uint16, 4: np.uint32}
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _header(itemsize: int, count: int) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, itemsize, count)
+
+
+class ShardWriter:
+    """Appends tokens to NAME_000.bin, NAME_001.bin, ... of at most `shard_tokens` tokens each."""
+
+    def __init__(self, out_dir: str, name: str, dtype, shard_tokens: int):
+        self.out_dir, self.name, self.dtype, self.shard_tokens = out_dir, name, np.dtype(dtype), shard_tokens
+        self.paths: list[str] = []
+        self.total = 0
+        self._fh, self._count = None, 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        if tokens.size and int(tokens.max()) > np.iinfo(self.dtype).max:
+            raise ValueError(f"token id {int(tokens.max())} does not fit in {self.dtype.name}")
+        while tokens.size:
+            if self._fh is None:
+                self.paths.append(os.path.join(self.out_dir, f"{self.name}_{len(self.paths):03d}.bin"))
+                self._fh, self._count = open(self.paths[-1], "wb"), 0
+                self._fh.write(_header(self.dtype.itemsize, 0))  # rewritten on close, once the count is known
+            take = min(tokens.size, self.shard_tokens - self._count)
+            self._fh.write(tokens[:take].astype(self.dtype).tobytes())
+            self._count, self.total, tokens = self._count + take, self.total + take, tokens[take:]
+            if self._count == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._fh.seek(0)
+        self._fh.write(_header(self.dtype.itemsize, self._count))
+        self._fh.close()
+        self._fh = None
+
+    def close(self) -> list[str]:
+        if self._fh is not None:
+            self._close_shard()
+        return self.paths
+
+
+def write_shard(path: str, tokens, dtype=None) -> None:
+    """One shard file from an array of ids (uint16 unless an id needs uint32). For tests and small tools."""
+    tokens = np.asarray(tokens)
+    dtype = np.dtype(dtype or token_dtype(int(tokens.max()) + 1 if tokens.size else 0))
+    with open(path, "wb") as fh:
+        fh.write(_header(dtype.itemsize, tokens.size))
+        fh.write(tokens.astype(dtype).tobytes())
+
+
+def read_shard(path: str) -> np.memmap:
+    """The tokens of one shard as a read-only memmap. Truncated or foreign files raise ValueError."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:8] != MAGIC:
+        raise ValueError(f"{path}: not a token shard (no {MAGIC.decode()} header); run prepare_data.py to make one")
+    _, version, itemsize, count = _HEADER.unpack(head)
+    if version != VERSION or itemsize not in _DTYPES:
+        raise ValueError(f"{path}: unsupported shard version {version} / token size {itemsize}")
+    expected = _HEADER.size + count * itemsize
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise ValueError(f"{path}: {what} ({size} bytes, header says {expected}); re-run prepare_data.py")
+    if count == 0:
+        return np.zeros(0, dtype=_DTYPES[itemsize])
+    return np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=_HEADER.size, shape=(count,))
+
+
+# ----------------------------------------------------------------------------- batch reader
+
+
+class TokenStream:
+    """Deterministic (x, y) batches from the `{split}_*.bin` shards of a prepared data directory.
+
+    The stream is cut into rows of T+1 tokens taken at stride T (row j = tokens[jT : jT+T+1]), so
+    every token is a target exactly once per epoch; rows never cross a shard boundary. Each epoch
+    visits the rows in a permutation seeded by (seed, epoch) (train) or in file order (val).
+    A global batch is `batch_size * world_size` consecutive rows of that order and rank r takes
+    rows [r*B, (r+1)*B) of it: the ranks never overlap, and together they read exactly what one
+    process with batch size B*world_size would. The rows left over at the end of an epoch
+    (fewer than a global batch) are skipped.
+
+    next_batch() -> x, y: LongTensor (B, T), y is x shifted left by one (y[:, t] = the token after x[:, t]).
+    state_dict() -> {"epoch", "row", "seed", "n_rows"}: plain ints; load_state_dict() restores the
+    exact position, so a resumed run reads the batches an uninterrupted one would.
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None):
+        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need batch_size, seq_len >= 1 and 0 <= rank < world_size, got {batch_size}, "
+                f"{seq_len}, {rank}, {world_size}"
+            )
+        paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+        if not paths:
+            raise ValueError(f"{data_dir}: no {split}_*.bin shards; run prepare_data.py first")
+        self.shards = [read_shard(p) for p in paths]
+        self.B, self.T, self.rank, self.world_size, self.seed = batch_size, seq_len, rank, world_size, seed
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        rows_per_shard = [max(len(s) - 1, 0) // seq_len for s in self.shards]
+        self._first_row = np.cumsum([0] + rows_per_shard)  # shard i holds rows [_first_row[i], _first_row[i+1])
+        self.n_rows = int(self._first_row[-1])
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = self.n_rows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{data_dir} {split}: {self.n_rows} rows of {seq_len + 1} tokens, fewer than one "
+                f"global batch of {self.global_batch}; lower batch_size or seq_len"
+            )
+        self.epoch, self.row = 0, 0  # the whole position: epoch, and rows of its order already consumed
+        self._order_epoch, self._order = -1, None
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            if self.shuffle:  # PCG64 seeded by (seed, epoch): the same order on every machine and rank
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            else:
+                self._order = np.arange(self.n_rows)
+            self._order_epoch = epoch
+        return self._order
+
+    def _row(self, j: int) -> np.ndarray:
+        s = int(np.searchsorted(self._first_row, j, side="right")) - 1
+        start = (j - int(self._first_row[s])) * self.T
+        return self.shards[s][start : start + self.T + 1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.row + self.global_batch > self.n_rows:  # not a whole global batch left: next epoch
+            self.epoch, self.row = self.epoch + 1, 0
+        lo = self.row + self.rank * self.B
+        mine = self._order_for(self.epoch)[lo : lo + self.B]
+        self.row += self.global_batch
+        rows = torch.from_numpy(np.stack([self._row(int(j)) for j in mine]).astype(np.int64))  # (B, T+1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, y: (B, T)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "row": self.row, "seed": self.seed, "n_rows": self.n_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The position means something only over the same rows in the same order.
+        if int(state["seed"]) != self.seed or int(state["n_rows"]) != self.n_rows:
+            raise ValueError(
+                f"data position is for seed={state['seed']} n_rows={state['n_rows']}, this stream has "
+                f"seed={self.seed} n_rows={self.n_rows} (different data, seq_len or seed)"
+            )
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    ignore = ("overwrite", "num_proc")  # these do not change what is written
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def prepare(cfg: DataConfig) -> dict:
+    """Build the dataset directory cfg.out_dir (atomically) and return its meta.json contents."""
+    out_dir = os.path.normpath(cfg.out_dir)
+    if os.path.exists(out_dir):
+        meta_path = os.path.join(out_dir, "meta.json")
+        if not os.path.isdir(out_dir):
+            raise UserError(f"out_dir {out_dir} exists and is not a directory")
+        if not cfg.overwrite and os.path.isfile(meta_path):
+            with open(meta_path, encoding="utf-8") as fh:
+                meta = json.load(fh)
+            if _same_settings(meta.get("config", {}), to_dict(cfg)):
+                print(f"{out_dir} already holds this dataset (overwrite=true rebuilds it)")
+                return meta
+        if not cfg.overwrite:
+            raise UserError(f"out_dir {out_dir} already exists with other settings; pass overwrite=true to replace it")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    # Build next to the destination (same file system, so the final rename is atomic).
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        meta = _build(cfg, tmp)
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out_dir}")
+    return meta
+
+
+def _build(cfg: DataConfig, out: str) -> dict:
+    from tokenizer import Tokenizer, train_tokenizer
+
+    t0 = time.time()
+    # ---- read, normalize, filter, dedup ----
+    docs, counts = clean(iter_source(cfg), cfg)
+    removed = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("read", "kept"))
+    print(f"read {counts['read']} documents; removed: {removed}; kept {counts['kept']} ({time.time() - t0:.1f}s)")
+    if not docs:
+        raise UserError(f"source '{cfg.source}': no documents left after filtering (see min_chars, min_text_fraction)")
+    splits = dict(zip(("train", "val"), split_train_val(docs, cfg.val_fraction, cfg.seed), strict=True))
+    if not splits["train"]:
+        raise UserError(f"source '{cfg.source}': every document went to validation; lower val_fraction")
+
+    # ---- tokenizer: given, or trained on (a prefix of) the train documents only ----
+    if cfg.tokenizer:
+        tok = Tokenizer(cfg.tokenizer)
+        tok.save(out)
+    else:
+        sample, budget = os.path.join(out, "tokenizer_train.txt"), cfg.tokenizer_train_mb * 1e6
+        with open(sample, "w", encoding="utf-8") as fh:
+            for d in splits["train"]:
+                budget -= fh.write(d + "\n")
+                if budget <= 0:
+                    break
+        try:
+            tok = train_tokenizer([sample], out, vocab_size=cfg.vocab_size, model_type=cfg.model_type, verbose=False)
+        except ValueError as e:  # e.g. a vocabulary too small for the byte pieces and special tokens
+            raise UserError(f"tokenizer training: {e}") from None
+        os.remove(sample)
+        print(f"trained a {cfg.model_type} tokenizer, vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
+
+    # ---- tokenize in parallel, write shards ----
+    dtype = token_dtype(tok.vocab_size)
+    stats = {}
+    for name, split_docs in splits.items():
+        writer = ShardWriter(out, name, dtype, cfg.shard_tokens)
+        for ids in tokenize_docs(split_docs, out, cfg.num_proc):
+            writer.write(ids)
+        paths = writer.close()
+        n_bytes = sum(len(d.encode("utf-8")) for d in split_docs)
+        stats[name] = {
+            "docs": len(split_docs),
+            "tokens": writer.total,
+            "text_bytes": n_bytes,
+            "shards": [os.path.basename(p) for p in paths],
+        }
+        print(
+            f"{name}: {len(split_docs)} docs, {n_bytes / 1e6:.2f} MB -> {writer.total:,} tokens "
+            f"in {len(paths)} shard(s) ({time.time() - t0:.1f}s)"
+        )
+    train = stats["train"]
+    # Compression counts text tokens only: the BOS/EOS framing adds 2 per document.
+    bytes_per_token = train["text_bytes"] / max(train["tokens"] - 2 * train["docs"], 1)
+
+    # ---- built-in tasks (tasks.py, owned elsewhere) when present ----
+    if cfg.tasks and importlib.util.find_spec("tasks") is not None:
+        import tasks
+
+        tasks.write_tasks(out)
+        print("wrote the built-in SFT/DPO/test tasks")
+
+    meta = {
+        "format_version": VERSION,
+        "source": cfg.source,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "dtype": np.dtype(dtype).name,
+        "removed": counts,
+        "splits": stats,
+        "bytes_per_token": round(bytes_per_token, 4),
+        "seconds": round(time.time() - t0, 1),
+        "config": to_dict(cfg),
+    }
+    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+        fh.write("\n")
+    print(f"bytes per token {bytes_per_token:.2f}; {train['tokens']:,} train tokens")
+    return meta
+
+
+def main(cfg: DataConfig) -> dict:
+    return prepare(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main, DataConfig, __doc__)
