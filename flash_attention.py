@@ -344,6 +344,8 @@ def _check_inputs(q, k, v):
         raise ValueError(f"q, k, v must share one dtype among float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if INTERPRET and q.dtype == torch.bfloat16:
+        raise ValueError("bfloat16 needs a GPU: Triton's interpreter has no bfloat16 arithmetic; use float16/float32")
     if not q.is_cuda and not INTERPRET:
         raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 before importing it to run on CPU")  # fmt: skip
 
