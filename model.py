@@ -1,0 +1,725 @@
+"""A Llama-family decoder-only Transformer whose checkpoints transformers reads unchanged.
+
+What is here, top to bottom:
+  ModelConfig  - Hugging Face Llama field names (plus MoE fields used by moe.py), presets in configs/model/*.yaml
+  RMSNorm      - root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like HF
+  RoPE         - rotary position embedding (Su et al. 2021) in HF's "rotate-half" layout, with linear,
+                 dynamic-NTK and Llama-3 frequency scaling
+  Attention    - grouped-query attention (Ainslie et al. 2023) with three interchangeable kernels:
+                 "naive" (the readable reference), "sdpa" (PyTorch's fused kernel), "triton" (flash_attention.py)
+  KVCache      - preallocated keys/values for incremental decoding of a batch of (left-padded) prompts
+  MLP          - SwiGLU feed-forward (Shazeer 2020)
+  Transformer  - embeddings -> N x Block -> norm -> lm_head; MoE layers swap `mlp` for moe.MoEFeedForward
+
+Key choices
+  * The module tree mirrors transformers' LlamaForCausalLM, so our state_dict keys ARE the HF keys and
+    save/load is a table lookup (`save_pretrained` / `from_pretrained` at the end of this file). q/k/v therefore
+    stay separate Linears (no fused qkv) on purpose.
+  * Build big models on the meta device, then `to_empty()` + `init_weights()`: no memory is touched until
+    the real device is known (torchtitan does the same).
+  * Padding: a batch of prompts of different lengths is left-padded and passed with `attention_mask` (B, T),
+    1 = real token. Positions are counted per row over real tokens only, so a padded row computes exactly
+    what it would alone. The KV cache remembers which slots were padding for later decode steps.
+
+Run the tests:  OMP_NUM_THREADS=1 python -m pytest -q tests/test_model.py
+Benchmark:      python benchmarks/bench_model.py
+
+Shape legend: B batch, T time (new tokens), S time of keys (cache + new), C channels (hidden_size),
+H query heads, G kv heads (num_key_value_heads), D head dim, F feed-forward width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "model")
+ATTN_IMPLS = ("naive", "sdpa", "triton")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # V: number of token ids (must cover the tokenizer, padding included)
+    hidden_size: int = 256  # C: width of the residual stream
+    intermediate_size: int = 704  # F: SwiGLU width of the dense MLP (~8/3 C, rounded to a multiple of 64)
+    num_hidden_layers: int = 4  # L: number of Transformer blocks
+    num_attention_heads: int = 8  # H: query heads; head dim D = C / H
+    num_key_value_heads: int = 4  # G: key/value heads (GQA); H % G == 0; G == H is plain multi-head attention
+    max_position_embeddings: int = 1024  # longest context the RoPE tables are built for (and trained at)
+    rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm's square root
+    rope_theta: float = 10000.0  # RoPE base; wavelengths range from 2*pi to ~2*pi*theta
+    rope_scaling: dict | None = None  # None or HF dict {"rope_type": "linear"|"dynamic"|"llama3", "factor": ...}
+    tie_word_embeddings: bool = True  # share the embedding matrix with lm_head (saves V*C params)
+    attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    dropout: float = 0.0  # dropout on the embeddings and on each residual branch (training only; not in HF Llama)
+    attn_impl: str = "sdpa"  # attention kernel: naive (reference) | sdpa (PyTorch fused) | triton (flash_attention.py)
+    bos_token_id: int = 1  # beginning-of-sequence id (written to config.json)
+    eos_token_id: int = 2  # end-of-sequence id; generation stops on it
+    pad_token_id: int | None = None  # padding id, if the tokenizer has one
+    initializer_range: float = 0.02  # std of the normal init; residual projections get std / sqrt(2 L)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (saves memory)
+    # ---- Mixture of Experts (moe.py); n_experts = 0 keeps every layer dense ----
+    n_experts: int = 0  # E: routed experts per MoE layer (0 = dense model)
+    top_k: int = 2  # K: experts each token is sent to
+    n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
+    moe_intermediate_size: int = 0  # F of one expert; 0 = use intermediate_size
+    moe_layers: list[int] | None = None  # indices of MoE layers; None = every layer (Mixtral)
+    router: str = "softmax"  # softmax (Mixtral top-k) | sigmoid_bias (DeepSeek-V3 aux-loss-free)
+    aux_loss_coef: float = 0.01  # Switch-Transformer load-balancing loss coefficient
+    z_loss_coef: float = 0.0  # router z-loss coefficient (ST-MoE)
+    router_noise: float = 0.0  # multiplicative jitter on router inputs while training (0 = off)
+    capacity_factor: float = 0.0  # expert capacity = factor * tokens * K / E; 0 = dropless
+    bias_update_rate: float = 0.001  # step size of the sigmoid router's load-balancing bias update
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling rope_type={rope_type!r} is not one of {ROPE_TYPES}")
+            if rope_type != "default" and "factor" not in self.rope_scaling:
+                raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+        if self.n_experts < 0 or (self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts):
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.router not in ("softmax", "sigmoid_bias"):
+            raise ValueError(f"router={self.router!r} is not one of ('softmax', 'sigmoid_bias')")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """True when block i uses moe.MoEFeedForward instead of the dense MLP."""
+        return self.n_experts > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """Read configs/model/NAME.yaml; unknown keys are an error, overrides win over the file."""
+        import yaml
+
+        path = os.path.join(PRESET_DIR, f"{name}.yaml")
+        if not os.path.isfile(path):
+            known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+            raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        values.update(overrides)
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in model preset {path}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalized in fp32 and cast back before the weight (as HF does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # F.rms_norm is PyTorch's fused kernel for exactly x * rsqrt(mean(x^2, -1) + eps); one pass, no temporaries.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int | None = None, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), i < D/2, after the configured scaling; (D/2,) fp32.
+
+    linear  - positions divided by `factor` (Chen et al. 2023, "Position Interpolation").
+    dynamic - NTK-aware: the base grows with the current length once it exceeds max_position_embeddings
+              (bloc97 / emozilla, as in HF). seq_len is the length of the current forward.
+    llama3  - long wavelengths divided by `factor`, short ones kept, a smooth ramp between (Llama 3.1 report).
+    """
+    D = config.head_dim
+    base = config.rope_theta
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
+        factor = scaling["factor"]
+        base = base * (factor * seq_len / config.max_position_embeddings - (factor - 1)) ** (D / (D - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # wavelengths longer than old_len / low are interpolated, shorter than old_len / high kept, ramp between
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor):
+    """cos, sin of positions * inv_freq, duplicated to D (rotate-half layout): (..., T, D) fp32."""
+    freqs = positions[..., None].float() * inv_freq  # (..., T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): dim i and i + D/2 share a frequency
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+D/2}) by angle pos * inv_freq_i. x (B, T, H, D); cos/sin (T, 1, D) or (B, T, 1, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # "rotate half": HF's layout, not the interleaved one of Meta's code
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated: k/v (L, B, G, S_max, D).
+
+    `valid` (B, S_max) marks which slots hold real tokens (False for left padding), so later decode steps
+    keep ignoring the pads. Slots are addressed by `start_pos`, the model forward's argument.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False  # stays False for equal-length prompts: then no mask is ever needed
+        self.max_len = max_len
+
+    def update(self, layer: int, start_pos: int, k, v):
+        """Write k/v (B, G, T, D) at slots [start_pos, start_pos + T); return all keys/values so far (B, G, S, D)."""
+        end = start_pos + k.shape[2]
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention(q, k, v, mask, is_causal: bool, impl: str, dropout: float = 0.0):
+    """Softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, G, S, D), mask None or bool (B|1, 1, T, S)."""
+    if impl == "triton" and mask is None and is_causal and q.shape[2] == k.shape[2] and dropout == 0.0:
+        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            from flash_attention import flash_attention  # lazy: Triton is optional on CPU
+
+            return flash_attention(q, k, v, causal=True)
+    if impl == "naive":
+        n_rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D): each kv head serves n_rep query heads
+        v = v.repeat_interleave(n_rep, dim=1)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+        if is_causal:
+            T, S = att.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+        att = F.dropout(att, p=dropout, training=dropout > 0)
+        return att @ v  # (B, H, T, D)
+    # SDPA picks a fused kernel (flash / memory-efficient / CPU flash) and handles GQA without copying k/v.
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; parameter names are HF's q_proj/k_proj/v_proj/o_proj."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        C, H, G, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.n_head, self.n_kv_head, self.head_dim = layer_idx, H, G, D
+        self.impl, self.dropout = config.attn_impl, config.attention_dropout
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, G * D, bias=False)
+        self.v_proj = nn.Linear(C, G * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, start_pos=0):
+        B, T, _ = x.shape
+        # RoPE is applied in the (B, T, H, D) layout the projections produce, before the transpose.
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # (B,H,T,D)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)  # (B,G,T,D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, G, S, D)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, mask, is_causal, self.impl, dropout)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is `mlp` or `block_sparse_moe`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            import moe  # lazy: dense models work without moe.py
+
+            self.block_sparse_moe = moe.MoEFeedForward(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, start_pos=0):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, start_pos)
+        x = x + F.dropout(h, self.dropout, self.training) if self.dropout > 0 else x + h
+        ffn = self.mlp if hasattr(self, "mlp") else self.block_sparse_moe
+        h = ffn(self.post_attention_layernorm(x))
+        return x + F.dropout(h, self.dropout, self.training) if self.dropout > 0 else x + h
+
+
+class Decoder(nn.Module):
+    """HF's `LlamaModel`: the part under the `model.` prefix of every key."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    """Decoder-only LM with HF LlamaForCausalLM's module tree (`model.*`, `lm_head`).
+
+    Construct on the meta device for big models:
+        with torch.device("meta"): m = Transformer(cfg)
+        m.to_empty(device="cuda"); m.init_weights()
+    On a real device the constructor initializes the weights itself.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # RoPE tables for positions < max_position_embeddings: computed once, sliced per forward. Not saved
+        # (persistent=False) because they are a function of the config; init_weights() fills them.
+        T_max, D = config.max_position_embeddings, config.head_dim
+        self.register_buffer("rope_cos", torch.empty(T_max, D), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(T_max, D), persistent=False)
+        self.tie_weights()
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    def tie_weights(self):
+        """Share embed_tokens.weight with lm_head when configured (to_empty() unties them, so init re-ties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_rope(self):
+        positions = torch.arange(self.config.max_position_embeddings, device=self.rope_cos.device)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config, device=self.rope_cos.device), positions)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, initializer_range) for matrices, ones for norms; residual output projections (o_proj,
+        down_proj, experts' w2) get std / sqrt(2 L) so the residual stream's variance does not grow with depth
+        (GPT-2 paper section 2.3; nanoGPT's c_proj init). Also rebuilds RoPE tables and ties weights."""
+        self.tie_weights()
+        self.init_rope()
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        done = set()  # parameters a MoE layer initialized itself
+        for block in self.model.layers:
+            moe_ffn = getattr(block, "block_sparse_moe", None)
+            if moe_ffn is not None and hasattr(moe_ffn, "init_weights"):
+                moe_ffn.init_weights(std, residual_std)  # moe.py knows its own parameters and buffers best
+                done |= {id(p) for p in moe_ffn.parameters()}
+            elif moe_ffn is not None:
+                for buf in moe_ffn.buffers():
+                    buf.zero_()  # e.g. the sigmoid router's expert_bias starts at 0 (to_empty leaves garbage)
+        for name, p in self.named_parameters():
+            if id(p) in done:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", ".w2", ".w2.weight")):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, std)
+
+    def blocks(self) -> nn.ModuleList:
+        """The Transformer blocks, in order (the units FSDP shards and checkpointing recomputes)."""
+        return self.model.layers
+
+    # ---- forward ----------------------------------------------------------------------------------------------------
+    def _layout(self, B, T, start_pos, attention_mask, kv_cache, device):
+        """Positions, attention mask and causality flag for T new tokens written at slot start_pos.
+
+        Returns (positions, mask, is_causal): positions None (shared start_pos + arange(T)) or (B, T);
+        mask None or bool (B|1, 1, T, S), True = may attend.
+        """
+        S = start_pos + T
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if kv_cache is not None:
+            # Slots may be reused across generations, so every write also rewrites their padding flags.
+            kv_cache.valid[:, start_pos:S] = attention_mask.bool() if attention_mask is not None else True
+            kv_cache.has_padding = padded or (kv_cache.has_padding and start_pos > 0)
+            padded = kv_cache.has_padding
+        if not padded:
+            if start_pos == 0:
+                return None, None, True  # plain causal attention: the fast kernel path
+            if T == 1:
+                return None, None, False  # one new token sees every cached key
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start_pos)  # (T, S)
+            return None, causal[None, None], False
+        valid = kv_cache.valid[:, :S] if kv_cache is not None else attention_mask.bool()  # (B, S)
+        # A token's position counts only the real tokens before it, so a left-padded row equals the row alone.
+        positions = (valid.long().cumsum(-1)[:, start_pos:] - 1).clamp(min=0)  # (B, T)
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start_pos)  # (T, S)
+        mask = causal[None] & valid[:, None, :]  # (B, T, S)
+        # A padding query would see no key at all and softmax over nothing is NaN; let it see itself (its output
+        # is never used) so the whole tensor stays finite.
+        mask[:, :, start_pos:] |= torch.eye(T, dtype=torch.bool, device=device)
+        return positions, mask[:, None], False
+
+    def _rope(self, start_pos, T, positions, dtype):
+        """cos/sin for the new tokens, shaped to broadcast over heads: (T, 1, D) or (B, T, 1, D)."""
+        end = start_pos + T  # one past the largest position in this forward
+        rope_type = (self.config.rope_scaling or {}).get("rope_type", "default")
+        if end <= self.config.max_position_embeddings:
+            if positions is None:
+                cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # (T, D)
+            else:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D)
+        else:  # beyond the table (or dynamic NTK, whose frequencies depend on the length): compute on the fly
+            pos = torch.arange(start_pos, end, device=self.rope_cos.device) if positions is None else positions
+            seq_len = int(pos.max()) + 1 if rope_type == "dynamic" else None
+            cos, sin = rope_cos_sin(rope_inv_freq(self.config, seq_len, device=pos.device), pos)
+        return cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)
+
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, start_pos=0, attention_mask=None):
+        """idx (B, T) token ids -> logits (B, T, V), or with targets (B, T) the cross-entropy over targets != -1:
+        loss_reduction "mean" (scalar), "sum" (scalar) or "none" ((B, T) per-token losses, 0 where ignored).
+
+        kv_cache/start_pos: write this chunk's keys/values at slots [start_pos, start_pos + T) and attend to all
+        slots before it (prefill with start_pos=0, then one token at a time). attention_mask (B, T): 1 real,
+        0 padding (left-pad prompts of different lengths; the cache remembers the pads).
+        """
+        B, T = idx.shape
+        if kv_cache is not None and start_pos + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} tokens, asked to write up to {start_pos + T}")
+        positions, mask, is_causal = self._layout(B, T, start_pos, attention_mask, kv_cache, idx.device)
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        # Under autocast q/k come out of the Linears in the autocast dtype: make cos/sin match once, not per layer.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = self._rope(start_pos, T, positions, dtype)
+        if self.config.dropout > 0:
+            x = F.dropout(x, self.config.dropout, self.training)
+        for block in self.model.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only the block input; recompute its insides in backward (Chen et al. 2016).
+                x = checkpoint(block, x, cos, sin, mask, is_causal, kv_cache, start_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, kv_cache, start_pos)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        # fp32 log-softmax even for bf16 logits: the loss is a small difference of large numbers.
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
+        if loss_reduction == "none":
+            return losses.view(B, T)
+        if loss_reduction == "sum":
+            return losses.sum()
+        if loss_reduction != "mean":
+            raise ValueError(f"loss_reduction={loss_reduction!r} is not one of 'mean', 'sum', 'none'")
+        return losses.sum() / (targets != -1).sum().clamp(min=1)
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """An empty cache on the model's device and in its dtype, for up to max_len (default the context) tokens."""
+        w = self.lm_head.weight
+        return KVCache(
+            self.config, batch_size, max_len or self.config.max_position_embeddings, w.device, dtype or w.dtype
+        )
+
+    # ---- MoE hooks --------------------------------------------------------------------------------------------------
+    def _moe_modules(self):
+        return [(i, b.block_sparse_moe) for i, b in enumerate(self.model.layers) if hasattr(b, "block_sparse_moe")]
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses from the last forward (in the graph); 0 for a dense model."""
+        losses = [m.aux_loss for _, m in self._moe_modules() if getattr(m, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.lm_head.weight.device)
+
+    def moe_metrics(self) -> dict:
+        """{"layer{i}": metrics dict} of every MoE layer after the last forward; {} for a dense model."""
+        return {f"layer{i}": m.metrics for i, m in self._moe_modules() if getattr(m, "metrics", None) is not None}
+
+    # ---- sizes ------------------------------------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once); exclude_embeddings drops the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token uses: all of them for a dense model, top_k of n_experts experts in MoE layers."""
+        c = self.config
+        F_e = c.moe_intermediate_size or c.intermediate_size
+        idle = (c.n_experts - c.top_k) * 3 * c.hidden_size * F_e  # SwiGLU experts: w1, w2, w3
+        return self.num_parameters() - idle * len(self._moe_modules())
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward) = 6 N + 12 L H D T (Kaplan et al. 2020; PaLM app. B).
+
+        N counts the parameters used in matmuls by one token (lm_head yes, the embedding lookup no; MoE: active
+        experts only). The attention term counts the full T x T score matrix, as PaLM's MFU does; a causal
+        kernel skips about half of it.
+        """
+        c = self.config
+        T = seq_len or c.max_position_embeddings
+        n_matmul = self.num_active_parameters() - sum(p.numel() for p in self.parameters() if p.dim() < 2)
+        if not c.tie_word_embeddings:
+            n_matmul -= self.model.embed_tokens.weight.numel()
+        return 6 * n_matmul + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+
+    # ---- Hugging Face-compatible checkpoints --------------------------------------------------------------------
+    def save_pretrained(self, path: str, tokenizer_dir: str | None = None, dtype=None):
+        """Write config.json (LlamaConfig keys, MixtralConfig keys for MoE) and model.safetensors (HF tensor
+        names, format=pt metadata, a tied lm_head left out as HF does); copy tokenizer files from tokenizer_dir.
+        dtype casts floating tensors on the way out (e.g. torch.bfloat16); None keeps the model's dtype."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # transformers re-ties it from embed_tokens on load
+        if self.config.n_experts > 0:
+            import moe
+
+            sd = moe.experts_to_hf(sd)  # stacked (E, F, C) experts -> Mixtral's experts.{j}.w1.weight
+        tensors, seen = {}, set()
+        for k, v in sd.items():
+            v = v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            ptr = v.untyped_storage().data_ptr()
+            # safetensors refuses tensors that share memory (e.g. expert slices of one stacked tensor): copy those.
+            v = v.clone() if ptr in seen or not v.is_contiguous() else v
+            seen.add(ptr)
+            tensors[k] = v
+        w_dtype = next(iter(tensors.values())).dtype
+        _atomic_write(
+            os.path.join(path, "model.safetensors"), lambda f: save_file(tensors, f, metadata={"format": "pt"})
+        )
+        hf = config_to_hf(self.config, w_dtype)
+        _atomic_write(os.path.join(path, "config.json"), lambda f: _write_json(hf, f))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, device="cpu", **overrides) -> Transformer:
+        """Load our checkpoint dir, an HF Llama / Mixtral dir (single or sharded safetensors), or a LoRA adapter
+        dir (adapter_config.json: its base_model_name_or_path is loaded, then lora.load_adapter).
+
+        dtype: None = float32, "auto" = as stored, or a torch dtype / its name. overrides: ModelConfig fields that
+        are not architecture (attn_impl, dropout, gradient_checkpointing, ...). Never unpickles anything.
+        """
+        if not os.path.isdir(path):
+            raise ValueError(f"checkpoint directory {path!r} does not exist")
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                base = json.load(f).get("base_model_name_or_path")
+            candidates = [base, os.path.join(path, base)] if base else []
+            base_dir = next((c for c in candidates if os.path.isdir(c)), None)
+            if base_dir is None:
+                raise ValueError(f"adapter in {path!r} names base model {base!r}, which is not a local directory")
+            import lora
+
+            model = cls.from_pretrained(base_dir, dtype=dtype, device=device, **overrides)
+            lora.load_adapter(model, path)
+            return model
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"{path!r} has no config.json (not a checkpoint directory)")
+        with open(config_path) as f:
+            hf = json.load(f)
+        config = config_from_hf(hf, **overrides)
+        if dtype == "auto":
+            dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+        sd = _read_safetensors(path, dtype, device)
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF checkpoints store it
+        if config.n_experts > 0:
+            import moe
+
+            sd = moe.experts_from_hf(sd)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k for k, _ in model.named_parameters()}  # tied lm_head is not listed: it is embed_tokens
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected - {"lm_head.weight"})
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {path!r} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        if config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        model.load_state_dict(sd, strict=False, assign=True)  # assign: adopt the loaded tensors, no copy
+        model.tie_weights()
+        for name, buf in list(model.named_buffers()):
+            if buf.is_meta:  # RoPE tables, MoE router state (Mixtral files have none): materialize as zeros
+                module, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(module), attr, torch.zeros_like(buf, device=device))
+        model.init_rope()
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint helpers: config.json <-> ModelConfig, safetensors files
+# ---------------------------------------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Fields whose name and meaning are the same in LlamaConfig / MixtralConfig and here.
+HF_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+)  # fmt: skip
+# MoE fields Mixtral cannot express: stored as extra config.json keys, which transformers keeps and ignores.
+MOE_EXTRA_KEYS = ("n_shared_experts", "moe_layers", "router", "z_loss_coef", "capacity_factor", "bias_update_rate")
+# transformers' LlamaConfig defaults, used when a key is absent from an HF config.json.
+HF_DEFAULTS = {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_dropout": 0.0}
+
+
+def config_to_hf(c: ModelConfig, dtype=torch.float32) -> dict:
+    """ModelConfig -> config.json dict that transformers' AutoConfig reads (4.x and 5.x key styles)."""
+    d = {k: getattr(c, k) for k in HF_KEYS}
+    scaling = dict(c.rope_scaling) if c.rope_scaling else None
+    if scaling is not None:
+        scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type"))
+    # transformers 5 reads rope_parameters; 4.x reads rope_theta + rope_scaling. Write both, they agree.
+    d["rope_scaling"] = scaling
+    d["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": c.rope_theta}
+    d.update(head_dim=c.head_dim, hidden_act="silu", attention_bias=False, mlp_bias=False, use_cache=True)
+    d["dtype"] = str(dtype).removeprefix("torch.")
+    if c.n_experts == 0:
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", intermediate_size=c.intermediate_size)
+        return d
+    d.update(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=c.moe_intermediate_size or c.intermediate_size,  # Mixtral: the width of one expert
+        dense_intermediate_size=c.intermediate_size,  # ours: dense layers of a mixed model
+        num_local_experts=c.n_experts,
+        num_experts_per_tok=c.top_k,
+        router_aux_loss_coef=c.aux_loss_coef,
+        router_jitter_noise=c.router_noise,
+        output_router_logits=False,
+        sliding_window=None,
+    )
+    d.update({k: getattr(c, k) for k in MOE_EXTRA_KEYS})
+    return d
+
+
+def config_from_hf(d: dict, **overrides) -> ModelConfig:
+    """config.json dict (ours or transformers') -> ModelConfig; unsupported architectures raise ValueError."""
+    model_type = d.get("model_type")
+    if model_type not in ("llama", "mixtral"):
+        raise ValueError(
+            f"unsupported architecture {d.get('architectures') or model_type}: only Llama and Mixtral load"
+        )
+    if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
+        raise ValueError("unsupported Llama variant: needs hidden_act=silu and no attention/mlp biases")
+    if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+        raise ValueError(f"unsupported head_dim={d['head_dim']}: must equal hidden_size / num_attention_heads")
+    kw = {k: d.get(k, HF_DEFAULTS.get(k)) for k in HF_KEYS if k in d or k in HF_DEFAULTS}
+    kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+    if kw.get("num_key_value_heads") is None:
+        kw["num_key_value_heads"] = d["num_attention_heads"]
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = kw["eos_token_id"][0]  # Llama 3 lists several; we stop on the first
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+    kw["intermediate_size"] = d.get("intermediate_size", 11008)
+    if model_type == "mixtral":
+        if d.get("sliding_window") and d["sliding_window"] < kw["max_position_embeddings"]:
+            raise ValueError(f"unsupported Mixtral sliding_window={d['sliding_window']}")
+        kw["intermediate_size"] = d.get("dense_intermediate_size", d["intermediate_size"])
+        kw.update(
+            n_experts=d["num_local_experts"],
+            top_k=d["num_experts_per_tok"],
+            moe_intermediate_size=d["intermediate_size"],
+            aux_loss_coef=d.get("router_aux_loss_coef", 0.01),
+            router_noise=d.get("router_jitter_noise") or 0.0,
+        )
+        kw.update({k: d[k] for k in MOE_EXTRA_KEYS if k in d})
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def _read_safetensors(path: str, dtype, device) -> dict:
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json, cast one by one."""
+    from safetensors import safe_open
+
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        raise ValueError(f"{path!r} has only pickle weights (pytorch_model.bin); convert them to safetensors first")
+    else:
+        raise ValueError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise ValueError(f"shard {file!r} listed in the index is missing")
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                sd[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return sd
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _atomic_write(path: str, write):
+    """write(tmp_path), then rename over path: a crash mid-save never leaves a half-written file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
