@@ -292,3 +292,99 @@ def test_qlora_layer_forward_backward():
     assert m.lora_A.weight.grad is not None and m.lora_B.weight.grad is not None
     model = apply_lora(Toy(C=64), targets=("q_proj",), quantize="nf4")
     assert "bytes/param" in trainable_report(model) and "0.5625" in trainable_report(model)
+
+
+# ---- PEFT parity (test-only import of transformers + peft) ----
+
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A tiny random LlamaForCausalLM saved as an HF dir (GQA, non-square MLP), and a token batch."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf_base")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return str(d), torch.randint(0, 64, (2, 9))
+
+
+def load_hf(path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(hf_base, tmp_path_factory):
+    """An adapter written by PEFT (rsLoRA, random nonzero A and B) and PEFT's logits with it."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir, idx = hf_base
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=HF_TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(load_hf(base_dir), cfg).eval()  # init_lora_weights=False: B is random too
+    d = tmp_path_factory.mktemp("peft_adapter")
+    peft_model.save_pretrained(d)
+    with torch.no_grad():
+        return str(d), peft_model(idx).logits
+
+
+def test_we_load_peft_adapter(hf_base, peft_adapter):
+    base_dir, idx = hf_base
+    ad_dir, ref = peft_adapter
+    model = load_adapter(load_hf(base_dir), ad_dir)
+    assert len(lora_layers(model)) == 2 * 7
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_loads_our_adapter(hf_base, tmp_path):
+    from peft import PeftModel
+
+    base_dir, idx = hf_base
+    torch.manual_seed(2)
+    model = apply_lora(load_hf(base_dir), targets=HF_TARGETS, r=4, alpha=8)
+    randomize_B(model)  # nonzero B: a key PEFT failed to load would leave its B at zero and show here
+    save_adapter(model, tmp_path, base_model_name_or_path=base_dir)
+    peft_model = PeftModel.from_pretrained(load_hf(base_dir), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(idx).logits, model(idx).logits, rtol=1e-5, atol=1e-5)
+        merged = peft_model.merge_and_unload()  # PEFT's merge against ours
+        ours = load_hf(base_dir)
+        ours.load_state_dict(merged_state_dict(model), strict=True)
+        for k, v in merged.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_with_peft_adapter(hf_base, peft_adapter):
+    model_mod = pytest.importorskip("model")
+    if not hasattr(model_mod.Transformer, "from_pretrained"):
+        pytest.skip("model.Transformer.from_pretrained not written yet")
+    base_dir, idx = hf_base
+    ad_dir, ref = peft_adapter
+    ours = load_adapter(model_mod.Transformer.from_pretrained(base_dir).eval(), ad_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), ref, rtol=1e-4, atol=1e-5)
+        # contract 3: an adapter dir loads as base (named by base_model_name_or_path) + adapter
+        both = model_mod.Transformer.from_pretrained(ad_dir).eval()
+        torch.testing.assert_close(both(idx), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_qlora_load_adapter_matches_dequantized_base(hf_base, peft_adapter):
+    """QLoRA end to end: NF4 base + PEFT adapter == a dense model whose targeted weights are the
+    dequantized NF4 ones, + the same adapter (plain nn.Linear forward, no quantized code path)."""
+    base_dir, idx = hf_base
+    ad_dir, _ = peft_adapter
+    qmodel = load_adapter(load_hf(base_dir), ad_dir, quantize="nf4", double_quant=True)
+    assert "bytes/param" in trainable_report(qmodel)
+    dense = load_hf(base_dir)
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            if name.rpartition(".")[2] in HF_TARGETS:
+                m.weight.copy_(nf4_dequantize(nf4_quantize(m.weight, 64, True), m.weight.shape, 64))
+        load_adapter(dense, ad_dir)
+        torch.testing.assert_close(qmodel(idx).logits, dense(idx).logits, rtol=1e-5, atol=1e-5)
