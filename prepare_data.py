@@ -180,7 +180,11 @@ def iter_source(cfg: DataConfig) -> Iterator[str]:
     for i, row in enumerate(rows):
         if (cfg.max_docs and i >= cfg.max_docs) or (cfg.max_mb and n_bytes >= cfg.max_mb * 1e6):
             return
-        text = row.get(field)
+        if field not in row:  # a streamed dataset has no column list up front
+            raise UserError(
+                f"source '{cfg.source}' row {i} has no field '{field}' (fields: {list(row)}); set text_field="
+            )
+        text = row[field]
         if text is not None and not isinstance(text, str):
             raise UserError(f"source '{cfg.source}' row {i}: '{field}' is {type(text).__name__}, not text")
         text = text or ""
