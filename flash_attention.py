@@ -52,7 +52,10 @@ except ImportError:  # a hack, admitted: stand-ins so the kernel definitions bel
     triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: lambda fn: fn, Config=lambda *a, **kw: None)
     tl = SimpleNamespace(constexpr=None)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # must agree with what @triton.jit saw at import
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # what @triton.jit sees for the kernels below
+# Triton's own helpers (tl.zeros, tl.sum, ...) were built compiled or interpreted when triton was first imported;
+# our kernels only work if that agrees with INTERPRET.
+_TRITON_MODE_OK = not HAS_TRITON or (type(tl.zeros).__name__ == "InterpretedFunction") == INTERPRET
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
@@ -329,6 +332,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
 def _check_inputs(q, k, v):
     if not HAS_TRITON:
         raise RuntimeError("flash_attention needs triton (pip install triton); use attention_reference or SDPA")
+    if not _TRITON_MODE_OK:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between the first import of triton and the import of flash_attention; "
+            "set it before anything imports triton"
+        )
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     (B, H, T, D), (Bk, H_kv, Tk, Dk) = q.shape, k.shape
