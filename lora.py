@@ -342,7 +342,7 @@ def merged_state_dict(model) -> dict:
     sd = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
     with torch.no_grad():
         for name, m in lora_layers(model).items():
-            base = m.dequantized_weight()
+            base = m.dequantized_weight().detach()
             sd[name + ".weight"] = base if m.merged else base + m.delta_weight().to(base.dtype)
     return sd
 
