@@ -13,7 +13,9 @@ Key choices
 - split_digits: every digit is its own token, so numbers are spelled the same way wherever they appear
   (Llama, PaLM); arithmetic tasks need that.
 - identity normalization, no dummy prefix, whitespace kept as written: the tokenizer never rewrites the text,
-  so decode(encode(s)) == s. Runs of spaces (code indentation) may become single pieces.
+  so decode(encode(s)) == s. BPE may learn runs of spaces (code indentation) as single pieces. Unigram may not:
+  "▁▁▁▁"+"▁▁" and "▁▁"+"▁▁▁▁" score the same, SentencePiece and transformers break that tie differently,
+  and we want the two to give identical ids (unigram costs more tokens on indented code because of it).
 - Special tokens: <unk>=0, <s>=1 (BOS), </s>=2 (EOS), <pad>=3, then <|system|>, <|user|>, <|assistant|>, <|end|>.
   They are SentencePiece *control* symbols: one id each, and encode() never produces them from text. A user
   who types "<|user|>" in a message gets ordinary pieces, not a role marker (no prompt injection through
@@ -53,13 +55,17 @@ CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = {"bos": BOS, "eos": EOS, "pad": PAD, **{m[2:-2]: m for m in CHAT_MARKERS}}
 MAX_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length; longer training lines are split
 
-# The same rendering as Tokenizer.render_chat, for transformers' apply_chat_template. Kept on one line on
-# purpose: Jinja would otherwise emit the newlines between tags into the prompt.
+# The same rendering as Tokenizer.render_chat, for transformers' apply_chat_template. No newlines between
+# tags on purpose: Jinja would emit them into the prompt. {% generation %} marks what render_chat's mask
+# covers, so apply_chat_template(..., return_assistant_tokens_mask=True) reproduces the mask too.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
@@ -180,7 +186,7 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,  # "▁▁▁▁" (indentation) may become one piece
+            allow_whitespace_only_pieces=(model_type == "bpe"),  # "▁▁▁▁" (indentation) may become one piece
             unk_id=0,
             bos_id=1,
             eos_id=2,
@@ -248,6 +254,7 @@ class Tokenizer:
             with open(file, "rb") as fh:
                 model_proto = fh.read()
         self._load(model_proto)
+        self.path = path  # the directory or file it was loaded from / last saved to
         self.report: dict = {}
 
     def _load(self, model_proto: bytes) -> None:
@@ -298,8 +305,8 @@ class Tokenizer:
         """Text -> ids. Never produces <unk> or a special token from the text itself."""
         try:
             ids = self.sp.encode(text, out_type=int) if isinstance(text, str) else None
-        except UnicodeEncodeError:  # lone surrogate: replace it rather than fail deep in the C++ binding
-            ids = None
+        except (UnicodeEncodeError, RuntimeError):  # a lone surrogate cannot cross into C++ as UTF-8
+            ids = None  # retry below with it replaced; any other problem raises again there
         if ids is None:
             ids = self.sp.encode(self.clean(text), out_type=int)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
@@ -370,6 +377,7 @@ class Tokenizer:
     def save(self, out_dir: str) -> None:
         """Write tokenizer.model, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
         os.makedirs(out_dir, exist_ok=True)
+        self.path = out_dir
         _write(os.path.join(out_dir, "tokenizer.model"), self.model_proto)
         config = {
             "tokenizer_class": "TokenizersBackend",  # generic: converts tokenizer.model by its own type (see top)
