@@ -111,13 +111,22 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("load_counts", torch.zeros(E), persistent=False)
         self.aux_loss = torch.zeros(())
         self.metrics = {}
-        self.reset_parameters()
+        self.init_weights()
 
     @torch.no_grad()
-    def reset_parameters(self):
-        """Normal(0, initializer_range) like every Linear in model.py; model.py may rescale w2 by depth."""
-        for w in (self.gate.weight, self.w1, self.w2, self.w3):
-            w.normal_(0.0, self.init_std)
+    def init_weights(self, std=None, residual_std=None):
+        """Normal(0, std) for the router and input projections, Normal(0, residual_std) for the projections
+        that write into the residual stream (w2, shared down_proj; model.py passes std / sqrt(2 L)).
+        Both default to config.initializer_range. Zeroes the bias and the load counter."""
+        std = self.init_std if std is None else std
+        residual_std = std if residual_std is None else residual_std
+        for w in (self.gate.weight, self.w1, self.w3):
+            w.normal_(0.0, std)
+        self.w2.normal_(0.0, residual_std)
+        if self.shared_experts is not None:
+            self.shared_experts.gate_proj.weight.normal_(0.0, std)
+            self.shared_experts.up_proj.weight.normal_(0.0, std)
+            self.shared_experts.down_proj.weight.normal_(0.0, residual_std)
         self.expert_bias.zero_()
         self.load_counts.zero_()
 
