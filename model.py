@@ -585,8 +585,9 @@ class Transformer(nn.Module):
             sd = moe.experts_from_hf(sd)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k for k, _ in model.named_parameters()}  # tied lm_head is not listed: it is embed_tokens
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected - {"lm_head.weight"})
+        required = {k for k, _ in model.named_parameters()}  # tied lm_head is not listed: it is embed_tokens
+        allowed = set(model.state_dict()) | required  # + persistent buffers (sigmoid router bias), may be absent
+        missing, unexpected = sorted(required - set(sd)), sorted(set(sd) - allowed)
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {path!r} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
