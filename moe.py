@@ -203,6 +203,8 @@ class MoEFeedForward(nn.Module):
         z = torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE eq. 5
         self.aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z
         if self.training:
+            # Activation checkpointing re-runs this forward in backward and adds the same counts again;
+            # that doubles every expert's count alike, so the sign update in update_bias() is unchanged.
             self.load_counts += counts.float()
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()

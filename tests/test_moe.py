@@ -227,6 +227,19 @@ def test_router_noise_only_in_training():
     assert not torch.allclose(moe(x), moe(x))  # different choices each call
 
 
+def test_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    cfg = make_config(initializer_range=0.02, n_shared_experts=1)
+    moe = MoEFeedForward(cfg)
+    x = torch.randn(2, 8, 16)
+    ref = moe(x)
+    moe_bf16 = MoEFeedForward(cfg).to(torch.bfloat16)
+    moe_bf16.load_state_dict(moe.state_dict())
+    out = moe_bf16(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=1e-3)  # bf16 keeps ~3 significant digits
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="router"):
         MoEFeedForward(make_config(router="relu"))
