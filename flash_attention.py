@@ -409,8 +409,12 @@ class FlashAttentionFunction(torch.autograd.Function):
 def flash_attention(q, k, v, causal=True, sm_scale=None):
     """softmax(q k^T * sm_scale [+ causal mask]) v. q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D).
 
-    sm_scale defaults to 1/sqrt(D). Differentiable in q, k, v. Any strides are accepted.
+    sm_scale defaults to 1/sqrt(D). Differentiable in q, k, v. Any strides are accepted. Under torch.autocast the
+    inputs are cast to the autocast dtype first, as autocast does for SDPA (else fp32 q would run fp32 dots).
     """
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     _check_inputs(q, k, v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)

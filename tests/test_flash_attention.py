@@ -126,6 +126,16 @@ def test_non_contiguous_inputs_and_custom_scale():
             torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    dtype = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter has no bf16
+    q, k, v, _ = _inputs(1, 2, 1, 20, 16)
+    with torch.autocast(DEVICE, dtype=dtype):
+        out = fa.flash_attention(q, k, v)
+    assert out.dtype == dtype
+    want = fa.attention_reference(q, k, v)
+    torch.testing.assert_close(out.float(), want, rtol=0, atol=1e-2)  # one rounding of q, k, v and out
+
+
 def test_errors_name_the_problem():
     q, k, v, _ = _inputs(1, 4, 2, 8, 16)
     with pytest.raises(ValueError, match="head dim"):
