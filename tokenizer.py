@@ -53,6 +53,7 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_ROLES = ("system", "user", "assistant")
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = {"bos": BOS, "eos": EOS, "pad": PAD, **{m[2:-2]: m for m in CHAT_MARKERS}}
+MIN_VOCAB = 256 + 4 + len(CHAT_MARKERS) + 64  # byte pieces, <unk>/BOS/EOS/PAD, chat markers, some room
 MAX_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length; longer training lines are split
 
 # The same rendering as Tokenizer.render_chat, for transformers' apply_chat_template. No newlines between
@@ -157,11 +158,8 @@ def train_tokenizer(
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    n_reserved = 256 + 4 + len(CHAT_MARKERS)  # bytes, unk/bos/eos/pad, chat markers
-    if vocab_size < n_reserved + 64:
-        raise ValueError(
-            f"vocab_size must be >= {n_reserved + 64} (256 byte pieces + specials + room), got {vocab_size}"
-        )
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (256 byte pieces + 8 specials + room), got {vocab_size}")
     if isinstance(text_files, str):
         text_files = [text_files]
     missing = [f for f in text_files if not os.path.isfile(f)]
@@ -205,7 +203,8 @@ def train_tokenizer(
     except RuntimeError as e:  # SentencePiece reports corpus problems (e.g. too small for the vocab) this way
         if stats["train_lines"] == 0:
             raise CorpusError(f"empty corpus: no non-blank lines in {', '.join(text_files)}") from None
-        raise CorpusError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
+        reason = re.sub(r"^.*\]\s*", "", str(e).strip().splitlines()[-1])  # drop "INTERNAL: file.cc(744) [check]"
+        raise CorpusError(f"SentencePiece training failed: {reason} (more text, or a smaller vocab_size)") from None
     if stats["train_lines"] == 0:
         raise CorpusError(f"empty corpus: no non-blank lines in {', '.join(text_files)}")
 
@@ -224,7 +223,7 @@ def train_tokenizer(
 
 def compression(tok: Tokenizer, texts: list[str]) -> dict:
     """Bytes of UTF-8 text per token (higher = better compression) over a list of strings."""
-    n_bytes = sum(len(t.encode("utf-8", "replace")) for t in texts)
+    n_bytes = sum(len(Tokenizer.clean(t).encode("utf-8")) for t in texts)
     n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
     return {
         "heldout_bytes": n_bytes,
@@ -422,9 +421,7 @@ def _write(path: str, data: bytes) -> None:
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    input: list[str] = dataclasses.field(
-        default_factory=list
-    )  # text files to train on (comma-separated), one sentence per line
+    input: list[str] = dataclasses.field(default_factory=list)  # text files to train on, comma-separated
     out_dir: str = "out/tokenizer"  # where tokenizer.model, tokenizer_config.json and the report go
     vocab_size: int = 4096  # total ids, including 256 byte pieces and the 7 special tokens + <unk>
     model_type: str = "bpe"  # bpe | unigram
@@ -440,8 +437,8 @@ class TokenizerConfig:
         errors += [f"input file not found: {f}" for f in self.input if not os.path.isfile(f)]
         if self.model_type not in ("bpe", "unigram"):
             errors.append(f"model_type must be bpe or unigram, got {self.model_type!r}")
-        if self.vocab_size < 256 + 8 + 64:
-            errors.append(f"vocab_size must be >= {256 + 8 + 64}, got {self.vocab_size}")
+        if self.vocab_size < MIN_VOCAB:
+            errors.append(f"vocab_size must be >= {MIN_VOCAB}, got {self.vocab_size}")
         if self.heldout_every < 0 or self.max_sentences <= 0 or self.num_threads <= 0:
             errors.append("heldout_every must be >= 0, max_sentences and num_threads > 0")
         return errors

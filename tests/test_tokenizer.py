@@ -253,6 +253,9 @@ def test_transformers_chat_template_matches(tok, hf_for):
         out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert out["input_ids"] == ids
         assert out["assistant_masks"] == mask  # {% generation %} in our template is the independent mask
+        assert hf.decode(ids) == tok.decode(ids) and hf.decode(ids, skip_special_tokens=True) == tok.decode(
+            ids, skip_special=True
+        )
         prompt_ids, _ = tok.render_prompt_completion(messages[:-1], messages[-1]["content"])
         assert (
             hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
