@@ -1,0 +1,436 @@
+"""Rank logic for multi-process training: the torchrun environment, a hand-written DDP, and the one place that wraps a
+model for data parallelism.
+
+What lives here (and only here, so training scripts never look at ranks themselves):
+
+- `init_distributed()` reads the variables `torchrun` sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and joins
+  the process group: NCCL on GPUs, gloo on CPU. Run without torchrun it builds a one-process group in memory, so the
+  single-process path is the same code with world_size 1 (every collective is then a no-op copy).
+- `print0`, `is_master`, `cleanup`, `seed_everything(seed, rank)` and `split_batch` / `shard_indices` for data.
+- `DDP`: data parallelism written out. Rank 0's parameters and buffers are broadcast when wrapping, so every rank
+  starts identical whatever it was seeded with. During backward, `Tensor.register_post_accumulate_grad_hook` tells us
+  the moment each parameter's gradient is final; the gradient is copied into a flat bucket, and a full bucket is
+  all-reduced asynchronously right away, so communication overlaps the rest of the backward (Li et al. 2020,
+  "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", https://arxiv.org/abs/2006.15704).
+  Buckets are launched strictly in index order (collectives must be issued in the same order on every rank) and are
+  re-built once, after the first backward, in the order rank 0 saw the gradients arrive. A callback queued on the
+  autograd engine runs when the backward ends: it fills in parameters that got no gradient, launches what is left,
+  waits for everything and writes the averaged gradient back to `p.grad`, so `optimizer.step()` sees synced grads.
+  `no_sync()` skips all of that for gradient-accumulation micro-steps.
+- `wrap_model(model, parallel, dist_info, **opts)` for parallel in none | ddp | fsdp | torch_ddp | torch_fsdp2. Our
+  FSDP (ZeRO-3, optionally ZeRO-2) lives in fsdp.py; torch_ddp / torch_fsdp2 are PyTorch's own
+  DistributedDataParallel and `fully_shard` (FSDP2), the production path and our reference in tests.
+- Checkpoints: `full_state_dict` (gathered, HF keys, loadable by `Transformer.load_state_dict` at any world size) and
+  `save_sharded` / `load_sharded` (each rank writes its own model shard and optimizer state as safetensors + JSON;
+  resumes exactly at the same world size).
+- `python distributed.py plan configs/model/llama2-7b.yaml world_size=8`: the memory planner (planner.py).
+
+How to run on several processes: `torchrun --standalone --nproc_per_node=2 train_pretrain.py CONFIG.yaml
+parallel=ddp` (see the README for multi-node and SLURM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import fsdp as fsdp_lib
+
+PARALLEL_MODES = ("none", "ddp", "fsdp", "torch_ddp", "torch_fsdp2")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the torchrun environment
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int  # global rank of this process, 0 .. world_size-1
+    local_rank: int  # rank on this node; picks the GPU
+    world_size: int  # total number of processes
+    device: torch.device  # where this rank's model and batches live
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment (or a one-process group without torchrun)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before the group exists, so NCCL binds this rank to its own GPU
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:  # torchrun (or a test) set up a rendezvous
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        else:  # plain `python script.py`: an in-memory store is enough for a group of one
+            if world_size != 1:
+                raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def is_master() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so logs are not repeated world_size times."""
+    if is_master():
+        print(*args, **kwargs)
+
+
+def cleanup():
+    """Leave the process group (call once at the end of a script; safe when none exists)."""
+    if dist.is_initialized():
+        dist.barrier()  # nobody tears down while a peer still has a collective in flight
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0):
+    """Seed python, numpy and torch with seed + rank: dropout and data order differ across ranks on purpose, while
+    the model weights still agree because wrapping broadcasts (DDP) or shards (FSDP) rank 0's copy."""
+    import numpy as np
+
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """The items of a length-n dataset this rank reads: a strided slice, so ranks interleave and none overlap."""
+    return range(rank, n, world_size)
+
+
+def split_batch(x: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous slice of a global batch (B, ...) -> (B / world_size, ...)."""
+    if x.shape[0] % dist_info.world_size != 0:
+        raise ValueError(f"global batch size {x.shape[0]} is not divisible by world_size={dist_info.world_size}")
+    b = x.shape[0] // dist_info.world_size
+    return x[dist_info.rank * b : (dist_info.rank + 1) * b]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP
+# ---------------------------------------------------------------------------------------------------------------------
+class _Bucket:
+    """A flat buffer holding the gradients of a few parameters, all-reduced as one message."""
+
+    def __init__(self, indices: list[int], params: list[nn.Parameter]):
+        self.indices = indices
+        sizes = [params[i].numel() for i in indices]
+        self.offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        self.buffer = torch.zeros(sum(sizes), dtype=params[indices[0]].dtype, device=params[indices[0]].device)
+        self.n_ready = 0
+        self.handle = None  # the async all-reduce once launched
+
+    def slot(self, j: int, p: torch.Tensor) -> torch.Tensor:
+        return self.buffer[self.offsets[j] : self.offsets[j] + p.numel()].view_as(p)
+
+
+class DDP(nn.Module):
+    """Data parallel wrapper: same model on every rank, gradients averaged across ranks before the optimizer step.
+
+    bucket_mb: size of one all-reduce message; find_unused_parameters: one extra all-reduce per step so a parameter
+    that got no gradient on any rank keeps grad None (as in single-process training) instead of a zero gradient;
+    broadcast_buffers: re-broadcast rank 0's buffers at every forward, as torch DDP does.
+    """
+
+    def __init__(self, module: nn.Module, bucket_mb: float = 25.0, find_unused_parameters: bool = False,
+                 broadcast_buffers: bool = True):  # fmt: skip
+        super().__init__()
+        if not dist.is_initialized():
+            raise ValueError("DDP needs a process group; call init_distributed() first")
+        self.module = module
+        self.world_size = dist.get_world_size()
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.find_unused_parameters = find_unused_parameters
+        self.broadcast_buffers = broadcast_buffers
+        self.params = [p for p in module.parameters() if p.requires_grad]  # deduplicated: tied weights appear once
+        self.require_sync = True
+        self._broadcast_from_rank0(list(module.parameters()) + list(module.buffers()))
+        # Before the first backward we guess the ready order: backward visits layers in reverse, so reverse the
+        # registration order (the same guess torch DDP starts from).
+        self._build_buckets(list(reversed(range(len(self.params)))))
+        self._ready_order = None  # filled during the first synced backward, then used to re-build the buckets
+        self._reset()
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(self._make_hook(i))
+
+    @staticmethod
+    @torch.no_grad()
+    def _broadcast_from_rank0(tensors):
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+    def _build_buckets(self, order: list[int]):
+        """Cut the parameters, in `order`, into buckets of about bucket_bytes (a new bucket also when dtype changes)."""
+        self.buckets, current, size = [], [], 0
+        for i in order:
+            p = self.params[i]
+            if current and (size >= self.bucket_bytes or p.dtype != self.params[current[0]].dtype):
+                self.buckets.append(_Bucket(current, self.params))
+                current, size = [], 0
+            current.append(i)
+            size += p.numel() * p.element_size()
+        if current:
+            self.buckets.append(_Bucket(current, self.params))
+        self.where = {}  # param index -> (bucket, position in bucket)
+        for b in self.buckets:
+            for j, i in enumerate(b.indices):
+                self.where[i] = (b, j)
+
+    def _reset(self):
+        self._ready = [False] * len(self.params)
+        self._next_bucket = 0  # buckets are launched strictly in order: collectives must match across ranks
+        self._callback_queued = False
+        for b in self.buckets:
+            b.n_ready, b.handle = 0, None
+
+    def _make_hook(self, i: int):
+        def hook(p: torch.Tensor):
+            if not self.require_sync:
+                return  # no_sync(): the gradient just accumulates locally in p.grad
+            if not self._callback_queued:
+                # Runs once the whole backward has finished: the place to wait for the all-reduces.
+                torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+                self._callback_queued = True
+                self._seen = []
+            self._seen.append(i)
+            self._mark_ready(i, p.grad)
+
+        return hook
+
+    def _mark_ready(self, i: int, grad: torch.Tensor | None):
+        b, j = self.where[i]
+        slot = b.slot(j, self.params[i])
+        slot.copy_(grad) if grad is not None else slot.zero_()
+        self._ready[i] = True
+        b.n_ready += 1
+        while self._next_bucket < len(self.buckets):
+            nb = self.buckets[self._next_bucket]
+            if nb.n_ready < len(nb.indices):
+                break
+            nb.buffer.div_(self.world_size)  # average = sum of (g / world); dividing first keeps fp16 sums in range
+            nb.handle = dist.all_reduce(nb.buffer, async_op=True)
+            self._next_bucket += 1
+
+    @torch.no_grad()
+    def _finish_backward(self):
+        missing = [i for i, r in enumerate(self._ready) if not r]
+        used_anywhere = None
+        if self.find_unused_parameters:
+            used = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32)
+            dist.all_reduce(used)
+            used_anywhere = used.tolist()
+        # A parameter without a gradient this backward still takes part: its slot holds what .grad accumulated under
+        # no_sync(), or zeros. Every rank therefore launches every bucket, in the same order.
+        for i in missing:
+            self._mark_ready(i, self.params[i].grad)
+        for b in self.buckets:
+            b.handle.wait()
+            for j, i in enumerate(b.indices):
+                p = self.params[i]
+                if used_anywhere is not None and used_anywhere[i] == 0:
+                    continue  # unused on every rank: leave grad None, as single-process training would
+                if p.grad is None:
+                    p.grad = b.slot(j, p).clone()
+                else:
+                    p.grad.copy_(b.slot(j, p))
+        if self._ready_order is None:
+            # Re-bucket once in the order gradients really arrived. Ranks may see different orders (e.g. unused
+            # experts), so all follow rank 0's order.
+            order = torch.tensor(self._seen + [i for i in range(len(self.params)) if i not in set(self._seen)])
+            dist.broadcast(order, src=0)
+            self._ready_order = order.tolist()
+            self._build_buckets(self._ready_order)
+        self._reset()
+
+    @contextmanager
+    def no_sync(self):
+        """Gradient accumulation: backward passes inside only add into p.grad; the next one outside syncs the sum."""
+        previous, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = previous
+
+    def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self.world_size > 1:
+            self._broadcast_from_rank0(list(self.module.buffers()))
+        return self.module(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one entry point for every parallel mode
+# ---------------------------------------------------------------------------------------------------------------------
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units of a model: `model.blocks()` if it has one, else `model.model.layers`."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks())
+    return list(model.model.layers)
+
+
+def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> nn.Module:
+    """Move the model to this rank's device and wrap it for `parallel` (none | ddp | fsdp | torch_ddp | torch_fsdp2).
+
+    ddp opts: bucket_mb, find_unused_parameters, broadcast_buffers. fsdp opts: mixed_precision (bf16 compute, fp32
+    master shard), prefetch, zero2 (keep gathered parameters from forward to backward). torch_fsdp2 opts:
+    mixed_precision.
+    """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
+    model = model.to(dist_info.device)
+    if parallel == "none":
+        return model
+    if parallel == "ddp":
+        return DDP(model, **opts)
+    if parallel == "fsdp":
+        return fsdp_lib.FSDP(model, transformer_blocks(model), **opts)
+    if parallel == "torch_ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, **opts)
+    # torch_fsdp2: rank 0's weights first (fully_shard slices what each rank holds), then one unit per block + root.
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    DDP._broadcast_from_rank0(list(model.parameters()) + list(model.buffers()))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if opts.pop("mixed_precision", False) else {}
+    for block in transformer_blocks(model):
+        fully_shard(block, **kw, **opts)
+    fully_shard(model, **kw, **opts)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under any wrapper (fully_shard modifies in place, so it is its own bare model)."""
+    return model.module if isinstance(model, (DDP, fsdp_lib.FSDP, nn.parallel.DistributedDataParallel)) else model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm: across shards for FSDP (each rank only holds its slice of the gradient)."""
+    if isinstance(model, fsdp_lib.FSDP):
+        return model.clip_grad_norm_(max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # torch_fsdp2 returns a DTensor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict with the bare model's keys (HF keys for Transformer), as CPU tensors, on every
+    rank. Collective under fsdp / torch_fsdp2: call it on all ranks."""
+    if isinstance(model, fsdp_lib.FSDP):
+        return model.full_state_dict()
+    if _is_fully_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        return {k: v.detach().cpu() for k, v in sd.items()}
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]):
+    """Load a full (gathered) state dict into any wrapped model; each FSDP rank keeps only its slice."""
+    if isinstance(model, fsdp_lib.FSDP):
+        return model.load_full_state_dict(state_dict)
+    if _is_fully_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        return set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+    unwrap(model).load_state_dict(state_dict)
+
+
+def _is_fully_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def _rank_paths(directory: str, rank: int) -> tuple[str, str]:
+    return os.path.join(directory, f"rank{rank:05d}.safetensors"), os.path.join(directory, f"rank{rank:05d}.json")
+
+
+def save_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict | None = None):
+    """Every rank writes what it holds (model shard + optimizer state) to rankNNNNN.safetensors / .json. Each file is
+    written under a temporary name and renamed, so a crash never leaves a half-written file under the final name."""
+    from safetensors.torch import save_file
+
+    if _is_fully_sharded(model):
+        raise ValueError("save_sharded does not handle torch_fsdp2 (DTensor) state; use torch.distributed.checkpoint")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(directory, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars = {}
+    for pid, state in opt["state"].items():
+        for name, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{name}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{name}"] = v
+    info = {"rank": rank, "world_size": world, "param_groups": opt["param_groups"], "scalars": scalars, "meta": meta}
+    st_path, json_path = _rank_paths(directory, rank)
+    save_file(tensors, st_path + ".tmp", metadata={"format": "pt"})
+    os.replace(st_path + ".tmp", st_path)
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
+    dist.barrier()  # the checkpoint is complete only when every rank has written
+
+
+def load_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore what save_sharded wrote, at the same world size; returns the `meta` dict given to save_sharded."""
+    from safetensors.torch import load_file
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    st_path, json_path = _rank_paths(directory, rank)
+    if not os.path.isfile(json_path):
+        raise ValueError(f"no sharded checkpoint for rank {rank} in {directory}")
+    with open(json_path) as f:
+        info = json.load(f)
+    if info["world_size"] != world:
+        raise ValueError(f"checkpoint {directory} was saved at world_size={info['world_size']}, now {world}")
+    tensors = load_file(st_path, device=str(next(model.parameters()).device))
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            pid, name = key[len("optim.") :].split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in info["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return info["meta"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line: the memory planner
+# ---------------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "plan":
+        sys.exit("usage: python distributed.py plan configs/model/NAME.yaml [world_size=8] [seq_len=4096] ...")
+    import planner
+
+    planner.main(sys.argv[2:])

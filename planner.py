@@ -1,0 +1,143 @@
+"""Memory and throughput planner: how many bytes each GPU holds under DDP, ZeRO-2 and FSDP (ZeRO-3), with and without
+activation checkpointing, and how many tokens/s a given MFU means.
+
+    python distributed.py plan configs/model/llama2-7b.yaml world_size=8 [seq_len=4096] [micro_batch=1]
+        [mixed_precision=true] [mfu=0.4] [peak_tflops=989]
+
+Parameter and FLOP counts come from model.py itself (the model is built on the meta device, so a 70B plan allocates
+nothing): `num_parameters()` and `estimate_flops_per_token()` (6N + 12 L H D T, PaLM appendix B).
+
+Bytes per parameter, as our wrappers really store them (Rajbhandari et al. 2020, "ZeRO", section 3, gives the
+same 16 bytes per parameter for mixed-precision Adam):
+
+    mode     params          grads          optimizer (Adam m, v)   gathered while computing (bf16)
+    ddp      4               4              8                       2 N_all (autocast's bf16 weight copies)
+    zero2    4 / world       4 / world      8 / world               2 N_all (kept from forward to backward)
+    fsdp     4 / world       4 / world      8 / world               2 (root + 2 blocks: current and prefetched)
+
+The fp32 master weights are the "params" column; with mixed_precision=false nothing is gathered in bf16 and FSDP's
+gathered units are fp32. `tests/test_distributed.py` checks params + grads + optimizer against bytes measured on a
+small model at world size 2.
+
+Activations are an estimate from counting what autograd saves per token and layer in our Transformer (bf16):
+RMSNorm input and output (2C), q (C), k, v (2 C_kv), attention output (C), residual (C), second norm in/out (2C), and
+SwiGLU's gate, up, silu(gate) and product (4F); MoE layers save K copies of the expert side (4 K F_e + 2 K C). The
+head adds the logits in bf16 and fp32 for the loss (6 V per token). Activation checkpointing keeps only each
+block's input (C per token and layer) plus one block's full set during its recompute (Chen et al. 2016).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import yaml
+
+MODES = ("ddp", "zero2", "fsdp")
+
+
+def _load_config(path_or_cfg):
+    from model import ModelConfig
+
+    if isinstance(path_or_cfg, ModelConfig):
+        return path_or_cfg
+    with open(path_or_cfg) as f:
+        values = yaml.safe_load(f) or {}
+    values = values.get("model", values)  # a training recipe nests the model under `model:`
+    return ModelConfig(**values)
+
+
+def activation_bytes_per_token_layer(cfg, layer: int, dtype_bytes: int) -> float:
+    """Bytes autograd keeps for one token in block `layer` (see the module docstring for the list)."""
+    C, F = cfg.hidden_size, cfg.intermediate_size
+    C_kv = cfg.num_key_value_heads * cfg.head_dim
+    attn = 7 * C + 2 * C_kv  # two norms in/out (4C), q, attention output, residual (3C), k and v
+    if cfg.is_moe_layer(layer):
+        F_e = cfg.moe_intermediate_size or F
+        ffn = cfg.top_k * (4 * F_e + 2 * C) + cfg.n_experts + cfg.n_shared_experts * 4 * F_e
+    else:
+        ffn = 4 * F
+    return (attn + ffn) * dtype_bytes
+
+
+def plan(cfg, world_size: int, seq_len: int | None = None, micro_batch: int = 1, mixed_precision: bool = True,
+         mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:  # fmt: skip
+    """Per-GPU bytes for every mode, parameter count, FLOPs per token and tokens/s at `mfu` of `peak_tflops`.
+
+    Returns {"params", "active_params", "flops_per_token", "tokens_per_s", "memory": {mode: {params, grads,
+    optimizer, gathered, activations, total}}} with modes ddp, zero2, fsdp and the same with "+ckpt".
+    """
+    from model import Transformer
+
+    cfg = _load_config(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    T = seq_len or cfg.max_position_embeddings
+    n = model.num_parameters()
+    block_sizes = [sum(p.numel() for p in b.parameters()) for b in model.blocks()]
+    root = n - sum(block_sizes)
+    flops = model.estimate_flops_per_token(T)
+    w = world_size
+    compute_bytes = 2 if mixed_precision else 4
+    tokens = micro_batch * T
+
+    per_layer = [activation_bytes_per_token_layer(cfg, i, compute_bytes) for i in range(cfg.num_hidden_layers)]
+    head = cfg.vocab_size * (compute_bytes + 4) + cfg.hidden_size * compute_bytes  # logits (+ fp32 copy), final norm
+    act_full = tokens * (sum(per_layer) + head)
+    act_ckpt = tokens * (cfg.num_hidden_layers * cfg.hidden_size * compute_bytes + max(per_layer) + head)
+
+    # What is gathered (full, in compute dtype) while a step runs, beyond the persistent state.
+    largest_block = max(block_sizes) if block_sizes else 0
+    gathered = {
+        "ddp": n * compute_bytes if mixed_precision else 0,
+        "zero2": n * compute_bytes,
+        "fsdp": (root + 2 * largest_block) * compute_bytes,
+    }
+    memory = {}
+    for mode in MODES:
+        shard = 1 if mode == "ddp" else w
+        state = {"params": 4 * n / shard, "grads": 4 * n / shard, "optimizer": 8 * n / shard}
+        # A sharded mode still holds one unit's full gradient before the reduce-scatter.
+        state["gathered"] = gathered[mode] + (0 if mode == "ddp" else largest_block * compute_bytes)
+        for suffix, act in (("", act_full), ("+ckpt", act_ckpt)):
+            entry = dict(state, activations=act)
+            entry["total"] = sum(entry.values())
+            memory[mode + suffix] = entry
+    tokens_per_s = mfu * peak_tflops * 1e12 * w / flops
+    return {"params": n, "active_params": model.num_active_parameters(), "flops_per_token": flops,
+            "tokens_per_s": tokens_per_s, "memory": memory}  # fmt: skip
+
+
+def format_plan(p: dict, name: str, world_size: int, gib: float = 2**30) -> str:
+    lines = [
+        f"{name}: {p['params'] / 1e9:.2f}B parameters ({p['active_params'] / 1e9:.2f}B active), "
+        f"{p['flops_per_token'] / 1e9:.1f} GFLOPs/token (training), world_size={world_size}, "
+        f"{p['tokens_per_s']:,.0f} tokens/s in total at the given MFU",
+        f"{'mode':<12}{'params':>10}{'grads':>10}{'optim':>10}{'gathered':>10}{'activ.':>10}{'total GiB':>11}",
+    ]
+    for mode, m in p["memory"].items():
+        cols = [m[k] / gib for k in ("params", "grads", "optimizer", "gathered", "activations", "total")]
+        lines.append(f"{mode:<12}" + "".join(f"{c:>10.2f}" for c in cols[:-1]) + f"{cols[-1]:>11.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]):
+    """CLI: CONFIG.yaml then key=value overrides for plan()'s keyword arguments."""
+    if not argv or "=" in argv[0]:
+        sys.exit("usage: python distributed.py plan configs/model/NAME.yaml world_size=8 [seq_len=..] [mfu=..]")
+    kinds = {"world_size": int, "seq_len": int, "micro_batch": int, "mfu": float, "peak_tflops": float,
+             "mixed_precision": lambda s: s.lower() in ("1", "true", "yes")}  # fmt: skip
+    opts = {"world_size": 8}
+    for arg in argv[1:]:
+        key, _, value = arg.partition("=")
+        if key not in kinds:
+            sys.exit(f"error: unknown key {key!r}; known: {sorted(kinds)}")
+        try:
+            opts[key] = kinds[key](value)
+        except ValueError:
+            sys.exit(f"error: {key}={value!r} is not a valid {kinds[key].__name__}")
+    try:
+        p = plan(argv[0], **opts)
+    except (OSError, TypeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(format_plan(p, argv[0], opts["world_size"]))
