@@ -90,32 +90,22 @@ class DataConfig:
     tasks: bool = True  # also write the built-in SFT/DPO/test tasks (tasks.py) into out_dir
 
     def validate(self) -> list[str]:
-        errors = []
-        if not self.source:
-            errors.append("source must not be empty (builtin, hf:NAME or a file path/glob)")
-        if not self.out_dir:
-            errors.append("out_dir must not be empty")
-        if self.min_chars < 0 or self.max_chars <= self.min_chars:
-            errors.append(f"need 0 <= min_chars < max_chars, got {self.min_chars} and {self.max_chars}")
-        if not 0.0 <= self.min_text_fraction <= 1.0:
-            errors.append(f"min_text_fraction must be in [0, 1], got {self.min_text_fraction}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            errors.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_docs < 0 or self.max_mb < 0 or self.tokenizer_train_mb <= 0:
-            errors.append("max_docs and max_mb must be >= 0 and tokenizer_train_mb > 0")
-        if self.num_proc < 1:
-            errors.append(f"num_proc must be >= 1, got {self.num_proc}")
-        if self.shard_tokens < 1024:
-            errors.append(f"shard_tokens must be >= 1024, got {self.shard_tokens}")
-        if self.vocab_size < 64:
-            errors.append(f"vocab_size must be >= 64, got {self.vocab_size}")
-        if self.model_type not in ("bpe", "unigram"):
-            errors.append(f"model_type must be bpe or unigram, got {self.model_type!r}")
-        if self.txt_sample_by not in ("document", "line", "paragraph"):
-            errors.append(f"txt_sample_by must be document, line or paragraph, got {self.txt_sample_by!r}")
-        if self.tokenizer and not os.path.exists(self.tokenizer):
-            errors.append(f"tokenizer not found: {self.tokenizer}")
-        return errors
+        checks = [
+            (self.source != "", "source must not be empty (builtin, hf:NAME or a file path/glob)"),
+            (self.out_dir != "", "out_dir must not be empty"),
+            (0 <= self.min_chars < self.max_chars, "need 0 <= min_chars < max_chars"),
+            (0 <= self.min_text_fraction <= 1, f"min_text_fraction must be in [0, 1], got {self.min_text_fraction}"),
+            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.max_docs >= 0 and self.max_mb >= 0, "max_docs and max_mb must be >= 0 (0 = no limit)"),
+            (self.tokenizer_train_mb > 0, f"tokenizer_train_mb must be > 0, got {self.tokenizer_train_mb}"),
+            (self.num_proc >= 1, f"num_proc must be >= 1, got {self.num_proc}"),
+            (self.shard_tokens >= 1024, f"shard_tokens must be >= 1024, got {self.shard_tokens}"),
+            (self.vocab_size >= 512, f"vocab_size must be >= 512 (bytes + specials), got {self.vocab_size}"),
+            (self.model_type in ("bpe", "unigram"), f"model_type must be bpe or unigram, got {self.model_type!r}"),
+            (self.txt_sample_by in ("document", "line", "paragraph"), "txt_sample_by: document|line|paragraph"),
+            (not self.tokenizer or os.path.exists(self.tokenizer), f"tokenizer not found: {self.tokenizer}"),
+        ]
+        return [msg for ok, msg in checks if not ok]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -130,6 +120,11 @@ def stdlib_files() -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if "test" not in d and d not in ("site-packages", "__pycache__"))
         files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py") and not f.startswith("test")]
     return files
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:  # a stray bad byte becomes U+FFFD
+        return fh.read()
 
 
 def _local_files(pattern: str) -> tuple[str, list[str]]:
@@ -148,16 +143,33 @@ def _local_files(pattern: str) -> tuple[str, list[str]]:
     return kinds.pop(), files
 
 
+def _check_json_lines(files: list[str]) -> None:
+    """Raise UserError at the first line of a .jsonl file that is not a JSON object."""
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    ok = not line.strip() or isinstance(json.loads(line), dict)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                if not ok:
+                    raise UserError(f'{path} line {n}: expected a JSON object like {{"text": ...}}')
+
+
 def iter_source(cfg: DataConfig) -> Iterator[str]:
     """Raw documents from cfg.source, in a deterministic order, up to max_docs / max_mb."""
     if cfg.source == "builtin":
-        rows: Iterable = ({"text": open(f, encoding="utf-8", errors="replace").read()} for f in stdlib_files())
+        rows: Iterable = ({"text": _read_text(f)} for f in stdlib_files())
         field = "text"
     else:
         import datasets  # imported here: slow to import, and the built-in source does not need it
+        import huggingface_hub
 
-        datasets.logging.set_verbosity_error()
-        field = cfg.text_field
+        # Quiet: progress bars and retry warnings would bury the one-line error a user needs.
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.logging.set_verbosity_error()
+        field, builder, files = cfg.text_field, "", []
         try:
             if cfg.source.startswith("hf:"):
                 rows = datasets.load_dataset(
@@ -170,7 +182,11 @@ def iter_source(cfg: DataConfig) -> Iterator[str]:
                 field = "text" if builder == "text" else field
         except UserError:
             raise
-        except Exception as e:  # datasets raises many types; the user needs the first line, not a traceback
+        except Exception as e:  # datasets raises many types; the user needs one line, not a traceback
+            if builder == "json":
+                _check_json_lines(
+                    [f for f in files if f.endswith(".jsonl")]
+                )  # names the file and line when a row is not JSON
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"source '{cfg.source}' could not be read: {msg}") from None
         columns = getattr(rows, "column_names", None)
@@ -181,9 +197,7 @@ def iter_source(cfg: DataConfig) -> Iterator[str]:
         if (cfg.max_docs and i >= cfg.max_docs) or (cfg.max_mb and n_bytes >= cfg.max_mb * 1e6):
             return
         if field not in row:  # a streamed dataset has no column list up front
-            raise UserError(
-                f"source '{cfg.source}' row {i} has no field '{field}' (fields: {list(row)}); set text_field="
-            )
+            raise UserError(f"source '{cfg.source}' row {i} has no '{field}' (has {list(row)}); set text_field=")
         text = row[field]
         if text is not None and not isinstance(text, str):
             raise UserError(f"source '{cfg.source}' row {i}: '{field}' is {type(text).__name__}, not text")
@@ -249,8 +263,9 @@ def is_val(text: str, val_fraction: float, seed: int = 0) -> bool:
 
 
 def split_train_val(docs: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    train = [d for d in docs if not is_val(d, val_fraction, seed)]
-    val = [d for d in docs if is_val(d, val_fraction, seed)]
+    train, val = [], []
+    for d in docs:
+        (val if is_val(d, val_fraction, seed) else train).append(d)
     if val_fraction > 0 and not val and len(docs) > 1:
         val.append(train.pop())  # a tiny corpus still gets a validation document
     return train, val
@@ -293,9 +308,7 @@ def _chunks(docs: list[str], chunk_chars: int) -> Iterator[list[str]]:
         yield group
 
 
-def tokenize_docs(
-    docs: list[str], tokenizer_path: str, num_proc: int = 1, chunk_chars: int = 200_000
-) -> Iterator[np.ndarray]:
+def tokenize_docs(docs: list[str], tokenizer_path: str, num_proc: int = 1, chunk_chars=200_000) -> Iterator[np.ndarray]:
     """Encode documents in `num_proc` processes; yields token arrays in document order."""
     if num_proc == 1:  # same code path, no process start-up cost
         _init_worker(tokenizer_path)
@@ -407,8 +420,7 @@ class TokenStream:
     def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None):
         if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
             raise ValueError(
-                f"need batch_size, seq_len >= 1 and 0 <= rank < world_size, got {batch_size}, "
-                f"{seq_len}, {rank}, {world_size}"
+                f"need batch_size, seq_len >= 1, 0 <= rank < world_size: {batch_size, seq_len, rank, world_size}"
             )
         paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
         if not paths:
@@ -458,10 +470,8 @@ class TokenStream:
     def load_state_dict(self, state: dict) -> None:
         # The position means something only over the same rows in the same order.
         if int(state["seed"]) != self.seed or int(state["n_rows"]) != self.n_rows:
-            raise ValueError(
-                f"data position is for seed={state['seed']} n_rows={state['n_rows']}, this stream has "
-                f"seed={self.seed} n_rows={self.n_rows} (different data, seq_len or seed)"
-            )
+            have = f"seed={self.seed} n_rows={self.n_rows}"
+            raise ValueError(f"data position is for seed={state['seed']} n_rows={state['n_rows']}, not {have}")
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
 
 
@@ -476,18 +486,17 @@ def _same_settings(a: dict, b: dict) -> bool:
 def prepare(cfg: DataConfig) -> dict:
     """Build the dataset directory cfg.out_dir (atomically) and return its meta.json contents."""
     out_dir = os.path.normpath(cfg.out_dir)
-    if os.path.exists(out_dir):
-        meta_path = os.path.join(out_dir, "meta.json")
-        if not os.path.isdir(out_dir):
-            raise UserError(f"out_dir {out_dir} exists and is not a directory")
-        if not cfg.overwrite and os.path.isfile(meta_path):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir} exists and is not a directory")
+    if os.path.exists(out_dir) and not cfg.overwrite:
+        meta_path, meta = os.path.join(out_dir, "meta.json"), {}
+        if os.path.isfile(meta_path):
             with open(meta_path, encoding="utf-8") as fh:
                 meta = json.load(fh)
-            if _same_settings(meta.get("config", {}), to_dict(cfg)):
-                print(f"{out_dir} already holds this dataset (overwrite=true rebuilds it)")
-                return meta
-        if not cfg.overwrite:
-            raise UserError(f"out_dir {out_dir} already exists with other settings; pass overwrite=true to replace it")
+        if _same_settings(meta.get("config", {}), to_dict(cfg)):  # a re-run (make demo twice) is a no-op
+            print(f"{out_dir} already holds this dataset (overwrite=true rebuilds it)")
+            return meta
+        raise UserError(f"out_dir {out_dir} already exists with other settings; pass overwrite=true to replace it")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     # Build next to the destination (same file system, so the final rename is atomic).
@@ -547,17 +556,11 @@ def _build(cfg: DataConfig, out: str) -> dict:
         writer = ShardWriter(out, name, dtype, cfg.shard_tokens)
         for ids in tokenize_docs(split_docs, out, cfg.num_proc):
             writer.write(ids)
-        paths = writer.close()
+        shards = [os.path.basename(p) for p in writer.close()]
         n_bytes = sum(len(d.encode("utf-8")) for d in split_docs)
-        stats[name] = {
-            "docs": len(split_docs),
-            "tokens": writer.total,
-            "text_bytes": n_bytes,
-            "shards": [os.path.basename(p) for p in paths],
-        }
+        stats[name] = dict(docs=len(split_docs), tokens=writer.total, text_bytes=n_bytes, shards=shards)
         print(
-            f"{name}: {len(split_docs)} docs, {n_bytes / 1e6:.2f} MB -> {writer.total:,} tokens "
-            f"in {len(paths)} shard(s) ({time.time() - t0:.1f}s)"
+            f"{name}: {len(split_docs)} docs, {n_bytes / 1e6:.2f} MB -> {writer.total:,} tokens ({time.time() - t0:.1f}s)"
         )
     train = stats["train"]
     # Compression counts text tokens only: the BOS/EOS framing adds 2 per document.
