@@ -501,6 +501,7 @@ def prepare(cfg: DataConfig) -> dict:
     os.makedirs(parent, exist_ok=True)
     # Build next to the destination (same file system, so the final rename is atomic).
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the dataset is meant to be shared
     try:
         meta = _build(cfg, tmp)
         if os.path.exists(out_dir):

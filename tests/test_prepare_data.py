@@ -170,6 +170,10 @@ def test_local_txt_and_jsonl_sources(tmp_path):
     ]
     with pytest.raises(UserError, match="no column 'text'"):
         list(iter_source(DataConfig(source=str(jsonl))))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad\.jsonl line 2: not valid JSON"):
+        list(iter_source(DataConfig(source=str(bad))))
     with pytest.raises(UserError, match="matches no file"):
         list(iter_source(DataConfig(source=str(tmp_path / "*.parquet"))))
     (tmp_path / "d.csv").write_text("x\n", encoding="utf-8")
