@@ -380,7 +380,14 @@ def save_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimi
         raise ValueError("save_sharded does not handle torch_fsdp2 (DTensor) state; use torch.distributed.checkpoint")
     rank, world = dist.get_rank(), dist.get_world_size()
     os.makedirs(directory, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors, aliases, first_key = {}, {}, {}
+    for k, v in model.state_dict().items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ident in first_key:  # tied weights: safetensors stores a tensor once, JSON remembers the other name
+            aliases[f"model.{k}"] = first_key[ident]
+        else:
+            first_key[ident] = f"model.{k}"
+            tensors[f"model.{k}"] = v.detach().contiguous().cpu()
     opt = optimizer.state_dict()
     scalars = {}
     for pid, state in opt["state"].items():
@@ -389,7 +396,8 @@ def save_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimi
                 tensors[f"optim.{pid}.{name}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{name}"] = v
-    info = {"rank": rank, "world_size": world, "param_groups": opt["param_groups"], "scalars": scalars, "meta": meta}
+    info = {"rank": rank, "world_size": world, "param_groups": opt["param_groups"], "scalars": scalars,
+            "aliases": aliases, "meta": meta}  # fmt: skip
     st_path, json_path = _rank_paths(directory, rank)
     save_file(tensors, st_path + ".tmp", metadata={"format": "pt"})
     os.replace(st_path + ".tmp", st_path)
@@ -412,6 +420,7 @@ def load_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimi
     if info["world_size"] != world:
         raise ValueError(f"checkpoint {directory} was saved at world_size={info['world_size']}, now {world}")
     tensors = load_file(st_path, device=str(next(model.parameters()).device))
+    tensors.update({alias: tensors[key] for alias, key in info["aliases"].items()})
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, v in tensors.items():
