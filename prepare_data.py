@@ -585,6 +585,8 @@ def _build(cfg: DataConfig, out: str) -> dict:
         "removed": counts,
         "splits": stats,
         "bytes_per_token": round(bytes_per_token, 4),
+        # For bits per byte of a val loss: the loss averages over every token, BOS/EOS included.
+        "val_bytes_per_token": round(stats["val"]["text_bytes"] / max(stats["val"]["tokens"], 1), 4),
         "seconds": round(time.time() - t0, 1),
         "config": to_dict(cfg),
     }

@@ -212,6 +212,11 @@ def test_prepare_end_to_end(tmp_path, tiny_tokenizer):
         expected = [i for d in split_docs for i in [tok.bos_id, *tok.encode(d), tok.eos_id]]
         got = np.concatenate([read_shard(str(out / s)) for s in meta["splits"][name]["shards"]])
         np.testing.assert_array_equal(got, expected)
+        n_bytes = sum(len(d.encode("utf-8")) for d in split_docs)
+        if name == "train":  # compression over text tokens only (no BOS/EOS)
+            assert meta["bytes_per_token"] == pytest.approx(n_bytes / (len(expected) - 2 * len(split_docs)), abs=1e-4)
+        else:  # what bits-per-byte of a val loss needs: every token the loss averages over
+            assert meta["val_bytes_per_token"] == pytest.approx(n_bytes / len(expected), abs=1e-4)
     assert set(os.listdir(out)) >= {"tokenizer.model", "tokenizer_config.json", "meta.json", "train_000.bin"}
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the temporary build dir was renamed away
 
