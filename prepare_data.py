@@ -15,6 +15,8 @@ Pipeline, with how many documents each step removed printed and saved in meta.js
     normalize (Unicode NFC, control characters, newlines) -> filter (empty, too short, too long,
     mostly non-text) -> exact dedup by hash -> train/val split by document hash -> train the
     tokenizer on the train docs (unless one is given) -> tokenize in parallel -> shards.
+The cleaned documents are held in memory until they are tokenized: fine for a few GB of text;
+cap a bigger source with max_docs / max_mb (and streaming=true for a hub dataset).
 The filters are the cheapest of the Gopher rules (Rae et al. 2021, "Scaling Language Models",
 appendix A); exact dedup by content hash is the first step of every modern pipeline (Lee et al.
 2022, "Deduplicating Training Data Makes Language Models Better").
