@@ -576,7 +576,9 @@ class Transformer(nn.Module):
         config = config_from_hf(hf, **overrides)
         if dtype == "auto":
             dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else (dtype or torch.float32)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("dtype must be None, 'auto', a torch dtype or its name such as 'bfloat16'")
         sd = _read_safetensors(path, dtype, device)
         sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF checkpoints store it
         if config.n_experts > 0:

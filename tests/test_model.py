@@ -182,6 +182,17 @@ def test_loss_reductions_match_cross_entropy():
     assert torch.isfinite(model(idx, torch.full_like(targets, -1)))  # nothing to predict: 0, not NaN
 
 
+def test_dropout_only_in_training():
+    plain = make_model()
+    noisy = Transformer(dataclasses.replace(plain.config, dropout=0.2, attention_dropout=0.2))
+    noisy.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 96, (2, 12))
+    noisy.train()
+    assert not torch.allclose(noisy(idx), noisy(idx))
+    noisy.eval()
+    torch.testing.assert_close(noisy(idx), plain(idx), rtol=0, atol=0)
+
+
 def test_gradient_checkpointing_same_gradients():
     model = make_model(dropout=0.0).train()
     ckpt = Transformer(tiny_config(gradient_checkpointing=True)).train()
