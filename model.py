@@ -513,16 +513,17 @@ class Transformer(nn.Module):
         return 6 * n_matmul + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
 
     # ---- Hugging Face-compatible checkpoints --------------------------------------------------------------------
-    def save_pretrained(self, path: str, tokenizer_dir: str | None = None, dtype=None):
+    def save_pretrained(self, path: str, tokenizer_dir: str | None = None, dtype=None, state_dict=None):
         """Write config.json (LlamaConfig keys, MixtralConfig keys for MoE) and model.safetensors (HF tensor
         names, format=pt metadata, a tied lm_head left out as HF does); copy tokenizer files from tokenizer_dir.
-        dtype casts floating tensors on the way out (e.g. torch.bfloat16); None keeps the model's dtype."""
+        dtype casts floating tensors on the way out (e.g. torch.bfloat16); None keeps the model's dtype.
+        state_dict replaces self.state_dict() (e.g. full weights gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        sd = self.state_dict()
+        sd = dict(self.state_dict() if state_dict is None else state_dict)
         if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")  # transformers re-ties it from embed_tokens on load
+            sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens on load
         if self.config.n_experts > 0:
             import moe
 

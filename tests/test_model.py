@@ -260,6 +260,40 @@ def test_from_pretrained_errors(tmp_path):
         Transformer.from_pretrained(str(tmp_path))
 
 
+def test_config_from_transformers4_style_json():
+    """config.json as TinyLlama / Llama 3.1 ship it (transformers 4.x keys: rope_theta + rope_scaling, a list of
+    eos ids) gives the same shapes as our preset; transformers' own LlamaConfig agrees on the RoPE parameters."""
+    from model import config_from_hf
+
+    d = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 22,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32000,
+        "bos_token_id": 1,
+        "eos_token_id": [2, 3],
+        "pretraining_tp": 1,
+    }
+    cfg = config_from_hf(d)
+    preset = ModelConfig.from_preset("tinyllama-1.1b")
+    assert dataclasses.replace(cfg, eos_token_id=2) == preset
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+    cfg = config_from_hf({**d, "rope_scaling": scaling, "rope_theta": 500000.0})
+    assert cfg.rope_scaling == scaling and cfg.rope_theta == 500000.0
+    hf = transformers.LlamaConfig(**{**d, "rope_scaling": scaling, "rope_theta": 500000.0})
+    assert hf.rope_parameters == {**scaling, "rope_theta": 500000.0}
+
+
 def test_from_preset_rejects_unknown(tmp_path, monkeypatch):
     import model as model_module
 
