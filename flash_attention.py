@@ -56,28 +56,46 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # what @triton.jit sees f
 # Triton's own helpers (tl.zeros, tl.sum, ...) were built compiled or interpreted when triton was first imported;
 # our kernels only work if that agrees with INTERPRET.
 _TRITON_MODE_OK = not HAS_TRITON or (type(tl.zeros).__name__ == "InterpretedFunction") == INTERPRET
+AUTOTUNE = os.environ.get("FLASH_ATTENTION_AUTOTUNE", "1") != "0"  # 0: first config only (quick compiled tests)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
-def _configs(tiles, warps, stages, cpu_tile):
-    """Autotune candidates on a GPU; one small fixed tile in the interpreter (one config = no tuning runs)."""
+def _configs(gpu, cpu_tile):
+    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU; one small fixed tile in the
+    interpreter (a single config means no tuning runs)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": cpu_tile[0], "BLOCK_N": cpu_tile[1]}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in tiles
-        for w in warps
-        for s in stages
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
 
 
-# H100/H200 search space, (BLOCK_M queries, BLOCK_N keys) per tile. Skipping the mask on whole tiles needs
-# BLOCK_M % BLOCK_N == 0 in the forward and dQ kernels, and BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
-_FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64)], (4, 8), (2, 3, 4), cpu_tile=(32, 16))
-_DKDV_CONFIGS = _configs([(32, 128), (64, 128), (32, 64), (64, 64)], (4, 8), (2, 3), cpu_tile=(16, 32))
-_DQ_CONFIGS = _configs([(128, 32), (128, 64), (64, 32), (64, 64)], (4, 8), (2, 3), cpu_tile=(32, 16))
-_TUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "GROUP"]
+def _prune(fp32_tile):
+    """fp32 is the exactness path, not the speed path: IEEE dots are register hungry and slow to compile, so
+    it gets one small tile and no tuning. FLASH_ATTENTION_AUTOTUNE=0 keeps only the first (default) config."""
+
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("PRECISION") == "ieee":
+            return [triton.Config({"BLOCK_M": fp32_tile[0], "BLOCK_N": fp32_tile[1]}, num_warps=4, num_stages=2)]
+        return configs if AUTOTUNE else configs[:1]
+
+    return {"early_config_prune": prune}
+
+
+# H100/H200 search space, kept small because every config is compiled (seconds each) before it is timed.
+# Skipping the mask on whole tiles needs BLOCK_M % BLOCK_N == 0 in the forward and dQ kernels, and
+# BLOCK_N % BLOCK_M == 0 in the dK/dV kernel (the backward owns BLOCK_N keys x BLOCK_M queries per step).
+_FWD_CONFIGS = _configs(
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
+    cpu_tile=(32, 16),
+)
+_DKDV_CONFIGS = _configs(
+    [(32, 128, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)], cpu_tile=(16, 32)
+)
+_DQ_CONFIGS = _configs(
+    [(128, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], cpu_tile=(32, 16)
+)
+# Tuned per power-of-two bucket of T (T_TUNE), so batches of varying length (SFT) reuse one tuning result.
+_TUNE_KEY = ["T_TUNE", "HEAD_DIM", "CAUSAL", "GROUP"]
 
 
 # ---- forward ----
@@ -113,11 +131,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune((64, 32)))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt,
                 stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                H, GROUP, T, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                H, GROUP, T, T_TUNE, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # Causal tiles near the end of the sequence do the most work; launch them first for a better tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -169,10 +187,10 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = offs_m[:, None] < T
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=row_mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_mask, other=0.0)  # fmt: skip
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    o = tl.load(o_ptrs, mask=row_mask, other=0.0)  # (BLOCK_M, D)
+    do = tl.load(do_ptrs, mask=row_mask, other=0.0)  # (BLOCK_M, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -204,13 +222,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune((16, 32)))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb,
                      stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_dob,
                      stride_doh, stride_dot, stride_dod, stride_dkb, stride_dkh, stride_dkt, stride_dkd, stride_dvb,
-                     stride_dvh, stride_dvt, stride_dvd, H, GROUP, T, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
-                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     stride_dvh, stride_dvt, stride_dvd, H, GROUP, T, T_TUNE, sm_scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):  # fmt: skip
     """One program per (key tile, batch * K/V head): dK, dV summed over the GROUP query heads sharing it."""
     pid_bhkv = tl.program_id(1)
@@ -223,10 +241,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stri
 
     # Key rows past T load as zeros; their dK, dV rows are computed but never stored.
     kv_mask = offs_n[:, None] < T
-    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)  # (BLOCK_N, D)  # fmt: skip
-    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)  # (BLOCK_N, D)  # fmt: skip
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, D)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -248,10 +266,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stri
                                  PRECISION)  # fmt: skip
 
     dk *= sm_scale  # S = sm_scale * Q K^T, so dK = sm_scale * dS^T Q
-    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
-    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
+    dk_ptrs = (
+        DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    )
+    dv_ptrs = (
+        DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+    )
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -282,12 +304,12 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, s
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune((32, 32)))
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh,
                    stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh,
-                   stride_dot, stride_dod, stride_dqb, stride_dqh, stride_dqt, stride_dqd, H, GROUP, T, sm_scale,
-                   qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   stride_dot, stride_dod, stride_dqb, stride_dqh, stride_dqt, stride_dqd, H, GROUP, T, T_TUNE,
+                   sm_scale, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One program per (query tile, batch * head): dQ, walking the key tiles like the forward does."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -300,10 +322,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = offs_m[:, None] < T
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_mask, other=0.0)  # (BLOCK_M, D)  # fmt: skip
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_mask, other=0.0)  # (BLOCK_M, D)  # fmt: skip
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    q = tl.load(q_ptrs, mask=row_mask, other=0.0)  # (BLOCK_M, D)
+    do = tl.load(do_ptrs, mask=row_mask, other=0.0)  # (BLOCK_M, D)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
@@ -322,8 +344,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
                        offs_d, full_hi, hi, T, qk_scale, BLOCK_N, True, CAUSAL, PRECISION)  # fmt: skip
 
     dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=row_mask)  # fmt: skip
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
 # ---- Python side: checks, launches, autograd ----
@@ -341,7 +363,10 @@ def _check_inputs(q, k, v):
         raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     (B, H, T, D), (Bk, H_kv, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape or Bk != B or Tk != T or Dk != D:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; want q (B, H, T, D), k and v (B, H_kv, T, D)")  # fmt: skip
+        raise ValueError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+            "want q (B, H, T, D), k and v (B, H_kv, T, D)"
+        )
     if H % H_kv != 0:
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads H_kv={H_kv}")
     if D not in SUPPORTED_HEAD_DIMS:
@@ -349,13 +374,18 @@ def _check_inputs(q, k, v):
     if T == 0 or B == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype among float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
+        raise ValueError(
+            f"q, k, v must share one dtype among float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if INTERPRET and q.dtype == torch.bfloat16:
         raise ValueError("bfloat16 needs a GPU: Triton's interpreter has no bfloat16 arithmetic; use float16/float32")
     if not q.is_cuda and not INTERPRET:
-        raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 before importing it to run on CPU")  # fmt: skip
+        raise ValueError(
+            f"flash_attention needs CUDA tensors (got {q.device}); "
+            "set TRITON_INTERPRET=1 before triton is imported to run on CPU"
+        )
 
 
 def _precision(dtype):
@@ -368,7 +398,8 @@ def _forward(q, k, v, causal, sm_scale):
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # (B, H, T)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // k.shape[1], T,
-                      sm_scale * LOG2E, HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))  # fmt: skip
+                      triton.next_power_of_2(T), sm_scale * LOG2E, HEAD_DIM=D, CAUSAL=causal,
+                      PRECISION=_precision(q.dtype))  # fmt: skip
     return o, lse
 
 
@@ -380,12 +411,14 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale):
                                                          BLOCK_M=64)  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    t_tune = triton.next_power_of_2(T)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
     _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                           *dk.stride(), *dv.stride(), H, H // H_kv, T, sm_scale, sm_scale * LOG2E, **common)  # fmt: skip
+                           *dk.stride(), *dv.stride(), H, H // H_kv, T, t_tune, sm_scale, sm_scale * LOG2E,
+                           **common)  # fmt: skip
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                         *dq.stride(), H, H // H_kv, T, sm_scale, sm_scale * LOG2E, **common)  # fmt: skip
+                         *dq.stride(), H, H // H_kv, T, t_tune, sm_scale, sm_scale * LOG2E, **common)  # fmt: skip
     return dq, dk, dv
 
 

@@ -108,7 +108,8 @@ def main():
             t_fwd = _bench({name: _forward(fn, q, k, v) for name, fn in impls.items()}, args.repeats)
             t_fb = _bench({name: _forward_backward(fn, q, k, v, do) for name, fn in impls.items()}, args.repeats)
             tf = lambda flops, ms: flops / (ms * 1e-3) / 1e12
-            row = f"{T:>6} {D:>4} {B:>3} {H:>3} | {tf(flops_fwd, t_fwd['ours']):>9.1f} {tf(flops_fwd, t_fwd['sdpa']):>9.1f} "
+            row = f"{T:>6} {D:>4} {B:>3} {H:>3} | "
+            row += f"{tf(flops_fwd, t_fwd['ours']):>9.1f} {tf(flops_fwd, t_fwd['sdpa']):>9.1f} "
             row += f"{t_fwd['sdpa'] / t_fwd['ours']:>6.2f} | {tf(flops_fb, t_fb['ours']):>9.1f} "
             row += f"{tf(flops_fb, t_fb['sdpa']):>9.1f} {t_fb['sdpa'] / t_fb['ours']:>6.2f}"
             print(row, flush=True)

@@ -8,5 +8,6 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "gpu_check.sh: no CUDA device visible; nothing to check (the CPU tests run under 'make test')" >&2
     exit 1
 fi
-python -m pytest -q tests/test_flash_attention.py
+# Tests take the default tile of each kernel: tuning every shape would spend minutes compiling configs.
+FLASH_ATTENTION_AUTOTUNE=0 python -m pytest -q tests/test_flash_attention.py
 python benchmarks/bench_attention.py "$@"

@@ -38,7 +38,7 @@ CASES = [
     (1, 4, 1, 100, 64),  # several tiles per row and per column, GQA group 4
 ]
 if ON_GPU:
-    CASES += [(2, 8, 2, 1000, 128), (1, 4, 4, 256, 128)]
+    CASES += [(1, 4, 2, 300, 128)]  # fp32 on a GPU compiles slowly (IEEE dots): one D=128 case
 
 
 def _inputs(B, H, H_kv, T, D, dtype=torch.float32, seed=0):
