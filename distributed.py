@@ -35,7 +35,7 @@ import json
 import os
 import random
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -223,7 +223,10 @@ class DDP(nn.Module):
     def _mark_ready(self, i: int, grad: torch.Tensor | None):
         b, j = self.where[i]
         slot = b.slot(j, self.params[i])
-        slot.copy_(grad) if grad is not None else slot.zero_()
+        if grad is not None:
+            slot.copy_(grad)
+        else:
+            slot.zero_()
         self._ready[i] = True
         b.n_ready += 1
         while self._next_bucket < len(self.buckets):
@@ -321,6 +324,12 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
         fully_shard(block, **kw, **opts)
     fully_shard(model, **kw, **opts)
     return model
+
+
+def maybe_no_sync(model: nn.Module, skip_sync: bool):
+    """The context for one gradient-accumulation micro-step: model.no_sync() when skip_sync and the wrapper has one
+    (ddp, fsdp, torch_ddp); otherwise nothing, and that wrapper simply syncs every micro-step (torch_fsdp2)."""
+    return model.no_sync() if skip_sync and hasattr(model, "no_sync") else nullcontext()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -73,7 +73,7 @@ class _FlatGroup:
         self.shard = nn.Parameter(shard)
         self.shard.decay = decay  # read by the optimizer groups: 1-D shards cannot say it by their dim
         self.full = None  # (world * S,) gathered parameters while the unit is live
-        self.pending = None  # (async work, input kept alive) of a prefetch in flight
+        self.pending = None  # (async work, its input kept alive, its output) of a prefetch in flight
 
     # ---- communication ----
     def gather(self) -> torch.Tensor:

@@ -51,9 +51,7 @@ def worker(info, steps, repeats, out_path):
     runs = {}
     for mode in ["none"] + [m for pair in PAIRS for m in pair]:
         torch.manual_seed(0)
-        model = distributed.wrap_model(Transformer(cfg), "ddp" if mode == "none" else mode, info)
-        if mode == "none":
-            model = model.module  # the unwrapped model: the single-process memory baseline
+        model = distributed.wrap_model(Transformer(cfg), mode, info)  # "none": the single-process memory baseline
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         step(model, opt, x, info)  # warm-up: allocates gradients and optimizer state, re-buckets DDP
         runs[mode] = (model, opt)

@@ -77,8 +77,7 @@ def train(model, opt, data, info=None, accum=1, clip=None):
         total = torch.zeros(())
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1
-            ctx = model.no_sync() if (info and not sync and hasattr(model, "no_sync")) else _null()
-            with ctx:
+            with distributed.maybe_no_sync(model, skip_sync=not sync):
                 loss = model(mb[:, :-1], mb[:, 1:])
                 (loss / len(micro)).backward()  # mean over micro-steps = mean over the rank's slice
             total += loss.detach() / len(micro)
@@ -93,14 +92,6 @@ def train(model, opt, data, info=None, accum=1, clip=None):
             total /= info.world_size
         losses.append(total.item())
     return losses
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def assert_close_sd(a: dict, b: dict, rtol, atol):
