@@ -2,7 +2,7 @@
 
 What: `flash_attention(q, k, v, causal=True, sm_scale=None)` computes softmax(q k^T * sm_scale) v without
 ever writing the (T, T) score matrix to memory, forward and backward, plus `attention_reference`, the same
-math in plain PyTorch that the tests and the model's "naive" path trust.
+math in plain PyTorch that the tests trust.
 
 How (Dao, "FlashAttention-2", 2023, https://arxiv.org/abs/2307.08691, algorithms 1 and 2):
 - Forward: one program per (tile of BLOCK_M queries, batch*head). It walks over key/value tiles keeping a
@@ -10,8 +10,8 @@ How (Dao, "FlashAttention-2", 2023, https://arxiv.org/abs/2307.08691, algorithms
   accumulator when the max grows, divides once at the end and saves the log-sum-exp LSE = m + log(l)
   per row: 4 bytes per query instead of T floats.
 - Backward: P is recomputed tile by tile from the saved LSE (P = exp(S - LSE), no max or sum needed).
-  A preprocess kernel computes delta = rowsum(dO * O) (equal to rowsum(P * dP), FA2 eq. in sec. 3.1.2),
-  so dS = P * (dP - delta). One kernel owns a key tile and accumulates dK, dV over every query tile that
+  A preprocess kernel computes delta = rowsum(dO * O), which equals rowsum(P * dP) (Dao et al. 2022,
+  FlashAttention, appendix B.2), so dS = P * (dP - delta). One kernel owns a key tile and accumulates dK, dV over every query tile that
   sees it; another owns a query tile and accumulates dQ. Neither needs atomics, so results are
   deterministic.
 - Causal and non-causal are both honoured in all three kernels (the public Triton tutorial's backward
@@ -24,10 +24,14 @@ How (Dao, "FlashAttention-2", 2023, https://arxiv.org/abs/2307.08691, algorithms
   use IEEE-precision dots (not TF32), so fp32 means fp32.
 - Scores are kept in base 2 (scaled by log2(e)) because exp2 is the native GPU instruction.
 
-Interpret mode: with TRITON_INTERPRET=1 in the environment *when this file is imported* (triton decides
-at @triton.jit time), the kernels run on CPU tensors through Triton's numpy interpreter, with small fixed
-tiles. That is how the tests run without a GPU. bf16 is GPU only (the interpreter has no bf16 math).
-On a machine without triton (macOS, CPU-only installs) this file still imports; calling the kernel raises.
+Tuning: on a GPU each kernel is autotuned over a few H100/H200 tile shapes, once per power-of-two bucket of
+T; fp32 gets one small fixed tile. FLASH_ATTENTION_AUTOTUNE=0 keeps the first config (quick compiled tests).
+
+Interpret mode: with TRITON_INTERPRET=1 in the environment *before triton is first imported* (triton fixes
+the mode for its own helpers then, and for ours at @triton.jit time), the kernels run on CPU tensors through
+Triton's numpy interpreter with small fixed tiles. That is how the tests run without a GPU. bf16 is GPU only
+(the interpreter has no bf16 math). Without triton (macOS, CPU-only installs) this file still imports;
+calling the kernel raises.
 
 Run: `TRITON_INTERPRET=1 python -m pytest -q tests/test_flash_attention.py` (CPU) or
 `bash benchmarks/gpu_check.sh` (GPU: compiled tests + `benchmarks/bench_attention.py`).
