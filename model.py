@@ -21,11 +21,16 @@ Key choices
     1 = real token. Positions are counted per row over real tokens only, so a padded row computes exactly
     what it would alone. The KV cache remembers which slots were padding for later decode steps.
 
+Decoding a batch (what sample.py does):
+    cache = model.make_kv_cache(B, max_len)
+    logits = model(prompts, kv_cache=cache, start_pos=0, attention_mask=mask)  # prefill, prompts left-padded (B, T)
+    logits = model(next_ids, kv_cache=cache, start_pos=T)  # (B, 1): then one token per call, start_pos += 1
+
 Run the tests:  OMP_NUM_THREADS=1 python -m pytest -q tests/test_model.py
 Benchmark:      python benchmarks/bench_model.py
 
 Shape legend: B batch, T time (new tokens), S time of keys (cache + new), C channels (hidden_size),
-H query heads, G kv heads (num_key_value_heads), D head dim, F feed-forward width, V vocab, L layers.
+H query heads, H_kv key/value heads (num_key_value_heads), D head dim, F feed-forward width, V vocab, L layers.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class ModelConfig:
     intermediate_size: int = 704  # F: SwiGLU width of the dense MLP (~8/3 C, rounded to a multiple of 64)
     num_hidden_layers: int = 4  # L: number of Transformer blocks
     num_attention_heads: int = 8  # H: query heads; head dim D = C / H
-    num_key_value_heads: int = 4  # G: key/value heads (GQA); H % G == 0; G == H is plain multi-head attention
+    num_key_value_heads: int = 4  # H_kv: key/value heads (GQA); H % H_kv == 0; H_kv == H is multi-head
     max_position_embeddings: int = 1024  # longest context the RoPE tables are built for (and trained at)
     rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm's square root
     rope_theta: float = 10000.0  # RoPE base; wavelengths range from 2*pi to ~2*pi*theta
@@ -97,8 +102,12 @@ class ModelConfig:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling rope_type={rope_type!r} is not one of {ROPE_TYPES}")
-            if rope_type != "default" and "factor" not in self.rope_scaling:
-                raise ValueError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+            needed = {"default": ()}.get(rope_type, ("factor",))
+            if rope_type == "llama3":
+                needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in needed if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling of type {rope_type!r} is missing {missing}")
         if self.n_experts < 0 or (self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts):
             raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
         if self.router not in ("softmax", "sigmoid_bias"):
@@ -191,7 +200,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated: k/v (L, B, G, S_max, D).
+    """Keys and values of every layer for incremental decoding, preallocated: k/v (L, B, H_kv, S_max, D).
 
     `valid` (B, S_max) marks which slots hold real tokens (False for left padding), so later decode steps
     keep ignoring the pads. Slots are addressed by `start_pos`, the model forward's argument.
@@ -206,7 +215,7 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, start_pos: int, k, v):
-        """Write k/v (B, G, T, D) at slots [start_pos, start_pos + T); return all keys/values so far (B, G, S, D)."""
+        """Write k/v (B, H_kv, T, D) at slots [start_pos, start_pos + T); return every slot so far (B, H_kv, S, D)."""
         end = start_pos + k.shape[2]
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
@@ -214,7 +223,7 @@ class KVCache:
 
 
 def attention(q, k, v, mask, is_causal: bool, impl: str, dropout: float = 0.0):
-    """Softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, G, S, D), mask None or bool (B|1, 1, T, S)."""
+    """Softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, H_kv, S, D), mask None or bool (B|1, 1, T, S)."""
     if impl == "triton" and mask is None and is_causal and q.shape[2] == k.shape[2] and dropout == 0.0:
         if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
             from flash_attention import flash_attention  # lazy: Triton is optional on CPU
@@ -244,22 +253,23 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        C, H, G, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.layer_idx, self.n_head, self.n_kv_head, self.head_dim = layer_idx, H, G, D
+        C, H, H_kv, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.n_head, self.n_kv_head, self.head_dim = layer_idx, H, H_kv, D
         self.impl, self.dropout = config.attn_impl, config.attention_dropout
         self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.k_proj = nn.Linear(C, G * D, bias=False)
-        self.v_proj = nn.Linear(C, G * D, bias=False)
+        self.k_proj = nn.Linear(C, H_kv * D, bias=False)
+        self.v_proj = nn.Linear(C, H_kv * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, start_pos=0):
         B, T, _ = x.shape
         # RoPE is applied in the (B, T, H, D) layout the projections produce, before the transpose.
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # (B,H,T,D)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)  # (B,G,T,D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin)  # (B, T, H, D)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, H or H_kv, T, D)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, G, S, D)
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, H_kv, S, D)
         dropout = self.dropout if self.training else 0.0
         y = attention(q, k, v, mask, is_causal, self.impl, dropout)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
@@ -296,10 +306,14 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, start_pos=0):
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, start_pos)
-        x = x + F.dropout(h, self.dropout, self.training) if self.dropout > 0 else x + h
+        if self.dropout > 0:  # residual dropout (GPT-2 style); skipped entirely when off
+            h = F.dropout(h, self.dropout, self.training)
+        x = x + h
         ffn = self.mlp if hasattr(self, "mlp") else self.block_sparse_moe
         h = ffn(self.post_attention_layernorm(x))
-        return x + F.dropout(h, self.dropout, self.training) if self.dropout > 0 else x + h
+        if self.dropout > 0:
+            h = F.dropout(h, self.dropout, self.training)
+        return x + h
 
 
 class Decoder(nn.Module):
