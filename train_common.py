@@ -1,0 +1,721 @@
+"""What the three training loops share: settings, optimizer groups, LR schedule, checkpoints, logging.
+
+train_pretrain.py, train_sft.py and train_dpo.py each own one visible loop; everything that
+must exist exactly once lives here (STYLE.md rule 11):
+
+- `TrainConfig`: the settings every loop has (batch arithmetic, optimizer, schedule, checkpoints,
+  logging, faults). Each script subclasses it with its own data fields.
+- `param_groups` / `make_optimizer`: AdamW with weight decay on matrices only. Norm gains and biases
+  are not decayed: shrinking them toward zero changes what the layer computes rather than
+  regularizing it (as in GPT-2 / nanoGPT practice).
+- `lr_at(step)`: linear warmup, then cosine or warmup-stable-decay (WSD, Hu et al. 2024, MiniCPM),
+  a pure function of the step so that a resumed run continues the same curve.
+- Checkpoints (ARCHITECTURE.md contract 2): `OUT/checkpoints/step_000100/` holds the Hugging Face
+  model files plus `train_state/` (optimizer as safetensors; step, RNG states, data position,
+  config and wandb run id as JSON). Written under a temporary name, with a `COMPLETE` manifest
+  (sizes and sha256 of every file) written last, then renamed into place: a crash mid-save leaves
+  only a `.tmp` folder that resume ignores, never a broken newest checkpoint.
+- `RunLogger`: one JSON object per logged step in `OUT/log.jsonl`, optional wandb, a loss-curve PNG.
+- `StopFlag`: SIGTERM / SIGINT ask the loop to save at the next step boundary and exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from config import UserError, to_dict
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"  # where checkpoints, log.jsonl and the final model go
+    steps: int = 1000  # optimizer steps in the whole run
+    batch_size: int = 32  # sequences per optimizer step, summed over ranks and accumulation
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 256  # tokens per sequence
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of the decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_frac: float = 0.2  # wsd only: fraction of the steps spent decaying at the end
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    seed: int = 1337  # seed for init, dropout and data order
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU if supported, else fp32) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model (the uncompiled weights are what gets saved)
+    parallel: str = "none"  # none | ddp | fsdp | torch_ddp | torch_fsdp2 (under torchrun)
+    eval_every: int = 100  # steps between validation passes (0 = only at the end)
+    eval_batches: int = 20  # batches per validation pass
+    log_every: int = 10  # steps between log.jsonl lines
+    sample_every: int = 0  # steps between printed sample texts (0 = only at the end)
+    save_every: int = 200  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 3  # complete checkpoints kept on disk
+    resume: str = "auto"  # auto (newest complete checkpoint in out_dir) | never | PATH to a checkpoint
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    stop_after_steps: int = 0  # save and exit after this many steps in this process (0 = off): for time-limited jobs
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0 = guess from the device)
+    wandb_project: str = ""  # log to Weights & Biases when set
+    wandb_mode: str = "online"  # online | offline | disabled
+    progress: bool = True  # show a tqdm progress bar on the master rank
+
+    def validate(self) -> list[str]:
+        errors = []
+        for key in ["steps", "batch_size", "micro_batch_size", "seq_len", "keep_last", "max_bad_steps"]:
+            if getattr(self, key) <= 0:
+                errors.append(f"{key} must be > 0")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            errors.append("lr must be > 0 and 0 <= min_lr <= lr")
+        if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
+            errors.append(
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"
+            )
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            errors.append("warmup_steps must be in [0, steps]")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            errors.append(f"schedule must be cosine, wsd or constant, not '{self.schedule}'")
+        if not 0.0 < self.decay_frac <= 1.0:
+            errors.append("decay_frac must be in (0, 1]")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            errors.append("weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            errors.append("beta1 and beta2 must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            errors.append(f"device must be auto, cpu or cuda, not '{self.device}'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            errors.append(f"dtype must be auto, float32, bfloat16 or float16, not '{self.dtype}'")
+        if self.parallel not in ("none", "ddp", "fsdp", "torch_ddp", "torch_fsdp2"):
+            errors.append(f"parallel must be none, ddp, fsdp, torch_ddp or torch_fsdp2, not '{self.parallel}'")
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            errors.append("wandb_mode must be online, offline or disabled")
+        if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
+            errors.append(f"resume: no checkpoint directory at '{self.resume}'")
+        return errors
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step: batch = micro * accum * world."""
+    per_rank, rest = divmod(cfg.batch_size, cfg.micro_batch_size * world_size)
+    if rest or per_rank == 0:
+        raise UserError(
+            f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} "
+            f"x world size {world_size}"
+        )
+    return per_rank
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device} but CUDA is not available on this machine")
+    return torch.device(cfg.device if cfg.device.startswith("cuda:") else f"cuda:{local_rank}")
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype. fp32 on CPU: CPU bf16 autocast is slow and would hide numeric bugs."""
+    if cfg.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay, vectors (norm gains, biases) do not.
+
+    A parameter may say for itself with a `.decay` attribute: flat FSDP shards are 1-D but hold
+    matrices, so distributed.py marks them.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if getattr(p, "decay", p.dim() >= 2) else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused CUDA kernel updates every parameter in one launch; on CPU the foreach path is fastest.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based). Pure: resume needs no schedule state."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        # Warmup-stable-decay: hold the peak, then decay linearly over the last decay_frac of the run.
+        decay_steps = max(1, round(cfg.decay_frac * cfg.steps))
+        decay_start = max(cfg.warmup_steps, cfg.steps - decay_steps)
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(1, cfg.steps - 1 - decay_start)
+        return cfg.lr - (cfg.lr - cfg.min_lr) * min(1.0, frac)
+    # Cosine from lr at the end of warmup down to min_lr at the last step.
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def update_moe_bias(model: torch.nn.Module) -> None:
+    """DeepSeek-V3 aux-loss-free balancing, after each optimizer step: nudge each router's expert bias.
+
+    The expert loads counted during the step are summed over ranks first, so every rank applies the
+    same update and the replicas stay identical. A no-op for dense models and softmax routers.
+    """
+    multi = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for module in model.modules():
+        if hasattr(module, "update_bias") and getattr(module, "router", "") == "sigmoid_bias":
+            if multi and torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(module.load_counts)
+            module.update_bias()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over ranks (identity in a single process). For logging, not for gradients."""
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random generator a step touches: torch CPU/CUDA as tensors, Python/numpy as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+# ----------------------------------------------------------------------------- optimizer state as safetensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split optimizer.state_dict() into tensors (for safetensors) and JSON (hyper-parameters)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                value = value.to_local() if hasattr(value, "to_local") else value  # FSDP2: this rank's shard
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the order state ids refer to
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        p = params[int(idx)]
+        if hasattr(p, "device_mesh") and value.shape == p.to_local().shape:  # FSDP2: re-wrap the local shard
+            from torch.distributed.tensor import DTensor
+
+            value = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+MARKER = "COMPLETE"  # written last: its presence (and matching file sizes) makes a checkpoint complete
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: str) -> None:
+    files = {}
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "**", "*"), recursive=True)):
+        if os.path.isfile(path) and os.path.basename(path) != MARKER:
+            rel = os.path.relpath(path, ckpt_dir)
+            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    with open(os.path.join(ckpt_dir, MARKER), "w") as fh:
+        json.dump({"files": files, "time": time.time()}, fh, indent=1)
+
+
+def verify_checkpoint(ckpt_dir: str) -> str | None:
+    """None when every file matches the manifest; otherwise a reason naming the bad file."""
+    marker = os.path.join(ckpt_dir, MARKER)
+    if not os.path.isfile(marker):
+        return f"{ckpt_dir} has no {MARKER} marker (an interrupted save)"
+    try:
+        with open(marker) as fh:
+            files = json.load(fh)["files"]
+    except (ValueError, KeyError):
+        return f"{marker} is unreadable"
+    for rel, info in files.items():
+        path = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != info["bytes"]:
+            return f"{path} is truncated ({os.path.getsize(path)} of {info['bytes']} bytes)"
+        if _sha256(path) != info["sha256"]:
+            return f"{path} is corrupted (sha256 mismatch)"
+    return None
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Checkpoint dirs that finished saving (marker present), oldest first."""
+    found = glob.glob(os.path.join(out_dir, "checkpoints", "step_*"))
+    done = [d for d in found if not d.endswith(".tmp") and os.path.isfile(os.path.join(d, MARKER))]
+    return sorted(done, key=lambda d: int(d.rsplit("_", 1)[1]))
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> str | None:
+    """The checkpoint to resume from, after checking its files; a bad one stops with advice."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        candidates = [cfg.resume]
+    else:
+        candidates = list_checkpoints(cfg.out_dir)
+        if not candidates:
+            return None
+    newest = candidates[-1]
+    problem = verify_checkpoint(newest)
+    if problem is None:
+        return newest
+    earlier = [d for d in list_checkpoints(cfg.out_dir) if d != newest and verify_checkpoint(d) is None]
+    advice = f"; the previous good checkpoint is {earlier[-1]}: rerun with resume={earlier[-1]}" if earlier else ""
+    raise UserError(f"cannot resume: {problem}{advice}")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(
+    out_dir: str,
+    step: int,
+    rank: int,
+    save_model,  # callable(dir), master only: writes config.json + model.safetensors (+ adapter, tokenizer)
+    optimizer_state: tuple[dict[str, torch.Tensor], dict] | None,
+    state: dict,
+    keep_last: int,
+    per_rank_optimizer: bool = False,  # FSDP: every rank saves its own optimizer shard
+) -> str:
+    """Write OUT/checkpoints/step_{step:06d} atomically and prune old ones. Called on every rank.
+
+    Each rank saves its own RNG state (dropout differs per rank); the master writes the model,
+    the JSON state and, last, the manifest, then renames the folder into place.
+    """
+    final = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "train_state"))
+    _barrier()
+    ts = os.path.join(tmp, "train_state")
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, os.path.join(ts, f"rng_rank{rank}.safetensors"))
+    with open(os.path.join(ts, f"rng_rank{rank}.json"), "w") as fh:
+        json.dump(rng_meta, fh)
+    meta = None
+    if optimizer_state is not None and (rank == 0 or per_rank_optimizer):
+        tensors, meta = optimizer_state
+        name = f"optimizer_rank{rank}" if per_rank_optimizer else "optimizer"
+        save_file(tensors, os.path.join(ts, f"{name}.safetensors"))
+    if rank == 0:
+        save_model(tmp)
+        with open(os.path.join(ts, "state.json"), "w") as fh:
+            json.dump({**state, "step": step, "optimizer": meta}, fh)
+    _barrier()  # every rank's files are on disk before the manifest vouches for them
+    if rank == 0:
+        write_manifest(tmp)
+        if os.path.isdir(final):  # a rerun of the same step: replace only after the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_train_state(ckpt_dir: str, rank: int = 0, per_rank_optimizer: bool = False):
+    """(state.json contents, this rank's optimizer tensors or None); restores this rank's RNG too."""
+    ts = os.path.join(ckpt_dir, "train_state")
+    try:
+        with open(os.path.join(ts, "state.json")) as fh:
+            state = json.load(fh)
+        name = f"optimizer_rank{rank}" if per_rank_optimizer else "optimizer"
+        opt_path = os.path.join(ts, f"{name}.safetensors")
+        opt = load_file(opt_path) if os.path.isfile(opt_path) else None
+        rng_path = os.path.join(ts, f"rng_rank{rank}.safetensors")
+        if not os.path.isfile(rng_path):
+            raise UserError(f"{ckpt_dir} was saved with fewer ranks: no {rng_path}; resume with the same world size")
+        with open(os.path.join(ts, f"rng_rank{rank}.json")) as fh:
+            set_rng_state(load_file(rng_path), json.load(fh))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UserError(f"cannot read training state in {ts}: {e}") from None
+    return state, opt
+
+
+def export_final(out_dir: str, ckpt_dir: str) -> None:
+    """Copy the model files of the last checkpoint to OUT itself, so the next stage reads OUT."""
+    for name in os.listdir(ckpt_dir):
+        src = os.path.join(ckpt_dir, name)
+        if os.path.isfile(src) and name != MARKER:
+            tmp = os.path.join(out_dir, name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, os.path.join(out_dir, name))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLogger:
+    """log.jsonl (contract 4), optional wandb with a run id that survives resume, a loss-curve PNG."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool, run_id: str | None = None):
+        self.enabled = enabled
+        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.wandb = None
+        self.run_id = run_id
+        if enabled and cfg.wandb_project and cfg.wandb_mode != "disabled":
+            import wandb  # imported only when asked for: it is slow to import and optional offline
+
+            self.run_id = run_id or wandb.util.generate_id()
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                id=self.run_id,
+                resume="allow",
+                mode=cfg.wandb_mode,
+                dir=cfg.out_dir,
+                config=to_dict(cfg),
+            )
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so log.jsonl reads as one clean run."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        with open(self.path) as fh:
+            keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path + ".tmp", "w") as fh:
+            fh.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_loss_curve(out_dir: str, title: str) -> str | None:
+    """loss_curve.png from log.jsonl; skipped with a note when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipping the loss-curve PNG")
+        return None
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "loss_curve.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag instead of killing the process mid-step.
+
+    The loop checks `flag.stop` at each step boundary, saves a checkpoint and exits 0. A second
+    Ctrl-C while the flag is already set restores the default handler, so an impatient user can
+    still kill the run.
+    """
+
+    def __init__(self):
+        self.stop = False
+        self.signal_name = ""
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.stop and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.stop = True
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- one run's machinery
+
+
+class Run:
+    """Everything around a training loop that the three scripts share, so each loop stays short.
+
+        run = Run(cfg, "sft")                                 # ranks, device, dtype, out_dir
+        model, optimizer = run.prepare(raw_model)             # wrap (DDP/FSDP), AdamW groups
+        start = run.resume(load_weights, data=stream)         # newest complete checkpoint, if any
+        while step < cfg.steps:
+            ... forward / backward under run.autocast and run.no_sync(micro) ...
+            applied = run.optimizer_step(step, loss_mean)     # clip, skip non-finite, step
+            ...; run.log({...}); run.save(step + 1, write_weights, data=stream)
+        run.finish(step)
+
+    The model-specific parts come in as callbacks: `write_weights(dir)` writes config.json +
+    model.safetensors (or a LoRA adapter) and `load_weights(dir)` reads them back, so one
+    checkpoint format serves full fine-tuning and adapters alike.
+    """
+
+    def __init__(self, cfg: TrainConfig, stage: str):
+        import distributed as dist_utils
+
+        self.cfg, self.stage, self.du = cfg, stage, dist_utils
+        self.dist = dist_utils.init_distributed()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.master = self.rank == 0
+        self.device = resolve_device(cfg, self.dist.local_rank)
+        self.dtype = resolve_dtype(cfg, self.device)
+        self.accum = grad_accum_steps(cfg, self.world_size)
+        use_autocast = self.dtype != torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if use_autocast else contextlib.nullcontext()
+        # fp16 needs loss scaling (its exponent range is too small for small gradients); bf16 does not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # FSDP: every rank holds (and so saves) its own slice of the optimizer state.
+        self.sharded = cfg.parallel in ("fsdp", "torch_fsdp2")
+        self.bad_in_a_row = self.bad_steps_total = 0
+        self.start_step, self.last_checkpoint, self.progress, self.logger = 0, None, None, None
+        self.stop = StopFlag()
+        if self.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            from config import save_config
+
+            save_config(cfg, os.path.join(cfg.out_dir, "train_config.json"))
+
+    def print(self, *args) -> None:
+        self.du.print0(*args, flush=True)
+
+    def prepare(self, raw_model: torch.nn.Module):
+        """(wrapped model, AdamW over its trainable parameters). Order: adapters first, then wrap, then optimize."""
+        self.raw_model = raw_model
+        self.model = self.du.wrap_model(raw_model, self.cfg.parallel, self.dist)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
+        # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
+        torch.manual_seed(self.cfg.seed + 1000 * self.rank)
+        return self.model, self.optimizer
+
+    def no_sync(self, micro: int):
+        """Gradient accumulation: only the last micro-batch of a step all-reduces gradients."""
+        return self.du.maybe_no_sync(self.model, micro < self.accum - 1)
+
+    def resume(self, load_weights, data=None) -> int:
+        """Restore the newest complete checkpoint (or cfg.resume); returns the step to continue from.
+
+        load_weights(ckpt_dir) -> a full state dict for `self.model` (the script knows whether that is the
+        whole network or only LoRA weights). Also starts the logger and the progress bar.
+        """
+        cfg, run_id = self.cfg, None
+        ckpt = find_resume_checkpoint(cfg)
+        if ckpt is not None:
+            load_weights(ckpt)
+            state, opt_tensors = load_train_state(ckpt, self.rank, per_rank_optimizer=self.sharded)
+            if opt_tensors is not None:
+                load_optimizer_tensors(self.optimizer, opt_tensors, state["optimizer"])
+            if data is not None:
+                data.load_state_dict(state["data"])
+            self.start_step, run_id = state["step"], state.get("wandb_run_id")
+            self.bad_steps_total = state.get("bad_steps_total", 0)
+            self.print(f"resumed from {ckpt} at step {self.start_step}")
+        self.logger = RunLogger(cfg, enabled=self.master, run_id=run_id)
+        self.logger.truncate_after(self.start_step)
+        if self.master and cfg.progress:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=self.stage, dynamic_ncols=True)
+        self.t_last, self.step_last = time.perf_counter(), self.start_step
+        return self.start_step
+
+    def optimizer_step(self, step: int, loss_mean: torch.Tensor) -> bool:
+        """Clip, then step unless the loss or gradient is non-finite (then skip, and stop after too many).
+
+        loss_mean: this step's loss averaged over ranks. Returns True when the update was applied.
+        """
+        cfg = self.cfg
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self.du.clip_grad_norm_(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.last_grad_norm = grad_norm
+        if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
+            # Skip the update: weights and optimizer moments stay as they were before this step.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            self.bad_in_a_row += 1
+            self.bad_steps_total += 1
+            self.logger.log({"step": step + 1, "skipped": True, "loss": None, "bad_in_a_row": self.bad_in_a_row})
+            self.print(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                good = list_checkpoints(cfg.out_dir)
+                where = f"; the last good checkpoint is {good[-1]}" if good else ""
+                self.stop.restore()
+                raise UserError(f"stopping: {self.bad_in_a_row} non-finite steps in a row at step {step + 1}{where}")
+            return False
+        self.bad_in_a_row = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_moe_bias(self.raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        return True
+
+    def throughput(self, step: int, tokens_per_step: int) -> float:
+        """Tokens per second since the last call (all ranks together)."""
+        now = time.perf_counter()
+        tok_s = tokens_per_step * (step - self.step_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        return tok_s
+
+    def log(self, record: dict) -> None:
+        self.logger.log(record)
+
+    def should_stop(self, step: int) -> bool:
+        """A signal arrived, or this process has run its stop_after_steps."""
+        n = self.cfg.stop_after_steps
+        return self.stop.stop or bool(n and step - self.start_step >= n)
+
+    def save(self, step: int, write_weights, data=None, extra: dict | None = None) -> str:
+        """A checkpoint of step `step`. write_weights(dir) runs on the master; under FSDP call
+        `self.full_state_dict()` on every rank first (it is a collective)."""
+        state = {
+            "data": data.state_dict() if data is not None else None,
+            "wandb_run_id": self.logger.run_id,
+            "bad_steps_total": self.bad_steps_total,
+            "config": to_dict(self.cfg),
+            **(extra or {}),
+        }
+        path = save_checkpoint(
+            self.cfg.out_dir,
+            step,
+            self.rank,
+            write_weights,
+            optimizer_tensors(self.optimizer),
+            state,
+            self.cfg.keep_last,
+            per_rank_optimizer=self.sharded,
+        )
+        self.last_checkpoint = path
+        self.print(f"saved {path}")
+        return path
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights gathered from FSDP shards (collective); None when not sharded."""
+        return self.du.full_state_dict(self.model) if self.sharded else None
+
+    def finish(self, step: int, title: str) -> None:
+        """Close the progress bar; at the true end export the final model to out_dir and plot the losses."""
+        if self.progress is not None:
+            self.progress.close()
+        if self.stop.stop or (self.cfg.stop_after_steps and step < self.cfg.steps):
+            self.print(f"{self.stop.signal_name or 'stop_after_steps'}: saved step {step}; continue with resume=auto")
+        elif self.master and self.last_checkpoint:
+            export_final(self.cfg.out_dir, self.last_checkpoint)
+            png = plot_loss_curve(self.cfg.out_dir, title)
+            print(f"done: final model in {self.cfg.out_dir}" + (f", loss curve {png}" if png else ""), flush=True)
+        self.logger.finish()
+        self.stop.restore()
+        self.du.cleanup()
+
+
+def guess_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """A rough per-device dense peak for MFU when the user gives none (bf16 tensor cores on GPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
+        for key, flops in table.items():
+            if key in name:
+                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
+        return 100e12
+    # CPU: cores x ~2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); only a yardstick.
+    return (os.cpu_count() or 1) * 2.5e9 * 32

@@ -1,0 +1,244 @@
+"""Pretraining: next-token prediction on token shards, one readable loop.
+
+    python prepare_data.py                                   # built-in corpus -> data/builtin
+    python train_pretrain.py configs/pretrain_tiny.yaml      # the CPU demo, a few minutes
+    torchrun --nproc_per_node 8 train_pretrain.py configs/pretrain_0.5B.yaml parallel=fsdp
+
+Each optimizer step sees `batch_size` sequences of `seq_len` tokens: `micro_batch_size` per
+forward, `accum` micro-batches per rank, on `world_size` ranks (batch = micro x accum x world).
+The loss of each micro-batch is divided by `accum` so the summed gradients are the mean over the
+whole batch, exactly as one big batch would give.
+
+What happens where:
+- train_common.py: settings, AdamW groups, LR schedule, checkpoints, log.jsonl, signals;
+- distributed.py: ranks, DDP / FSDP wrappers, the global gradient norm;
+- prepare_data.TokenStream: the batches, positioned exactly on resume;
+- model.py / moe.py: the network (MoE auxiliary losses are added here and logged apart).
+
+Faults: Ctrl-C / SIGTERM save at the next step boundary and exit 0; a non-finite loss or
+gradient skips the step, and too many in a row stop the run without touching the last good
+checkpoint; `resume=auto` continues bit-exactly from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import train_common as tc
+from config import UserError, run_cli
+from model import ModelConfig, Transformer
+from prepare_data import TokenStream
+from tokenizer import Tokenizer
+
+
+@dataclass
+class PretrainConfig(tc.TrainConfig):
+    out_dir: str = "out/pretrain"  # where checkpoints, log.jsonl and the final model go
+    data_dir: str = "data/builtin"  # token shards + tokenizer written by prepare_data.py
+    model: str = "tiny"  # model preset in configs/model/ (tiny, 0.5B, 0.8B-moe, ...) or a path to a model YAML
+    dropout: float = 0.0  # dropout on attention and residual branches
+    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
+    init_from: str = ""  # start from this checkpoint's weights instead of random (continued pretraining)
+    sample_prompt: str = "def "  # prompt for the sample texts printed during training
+    sample_tokens: int = 48  # tokens per sample text
+    inject_nan_steps: list[int] = field(
+        default_factory=list
+    )  # fault drills: make the loss NaN at these steps (1-based)
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if not os.path.isfile(os.path.join(self.data_dir, "meta.json")):
+            errors.append(f"data_dir: no prepared data at '{self.data_dir}' (run: python prepare_data.py)")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append("dropout must be in [0, 1)")
+        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
+            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        if self.init_from and not os.path.isdir(self.init_from):
+            errors.append(f"init_from: no checkpoint directory at '{self.init_from}'")
+        return errors
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> ModelConfig:
+    attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+    try:
+        if cfg.model.endswith((".yaml", ".yml")):  # a model YAML of the user's own, same keys as the presets
+            from config import load_yaml
+
+            mcfg = ModelConfig(**load_yaml(cfg.model))
+        else:
+            mcfg = ModelConfig.from_preset(cfg.model)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model: {e}") from None
+    if vocab_size > mcfg.vocab_size or cfg.model == "tiny":
+        mcfg.vocab_size = vocab_size  # size the embedding to the tokenizer we trained
+    mcfg.dropout = cfg.dropout
+    mcfg.attn_impl = attn
+    mcfg.gradient_checkpointing = cfg.gradient_checkpointing
+    return mcfg
+
+
+@torch.no_grad()
+def evaluate(model, stream: TokenStream, n_batches: int, device, autocast) -> float:
+    """Mean validation loss over the first `n_batches` of the val split (the same batches every time)."""
+    model.eval()
+    stream.load_state_dict({**stream.state_dict(), "epoch": 0, "row": 0})  # the same batches every time
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        x, y = stream.next_batch()
+        with autocast:
+            total += model(x.to(device), y.to(device)).float()
+    model.train()
+    total = tc.all_reduce_mean(total)
+    return total.item() / n_batches
+
+
+def main(cfg: PretrainConfig) -> None:
+    # ---- setup ----
+    run = tc.Run(cfg, "pretrain")
+    device = run.device
+
+    # ---- data ----
+    with open(os.path.join(cfg.data_dir, "meta.json")) as fh:
+        meta = json.load(fh)
+    tokenizer = Tokenizer(cfg.data_dir)
+    if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+        raise UserError(f"{cfg.data_dir}/meta.json: shards were made with a different tokenizer than tokenizer.model")
+    stream_args = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, rank=run.rank, world_size=run.world_size)
+    train_data = TokenStream(cfg.data_dir, "train", seed=cfg.seed, **stream_args)
+    val_data = TokenStream(cfg.data_dir, "val", seed=cfg.seed, **stream_args)
+    val_split = meta.get("splits", {}).get("val", {})
+    # Bits per byte divides by the val split's own bytes per token: comparable across tokenizers.
+    bytes_per_token = val_split["text_bytes"] / val_split["tokens"] if val_split.get("tokens") else None
+
+    # ---- model ----
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
+    if cfg.init_from:
+        raw_model = Transformer.from_pretrained(cfg.init_from, device=device)
+        if raw_model.config.vocab_size < tokenizer.vocab_size:
+            raise UserError(
+                f"init_from: model vocab {raw_model.config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}"
+            )
+    else:
+        with torch.device("meta"):
+            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, device))  # shapes only
+        raw_model.to_empty(device=device)
+        raw_model.init_weights()
+    flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
+    peak = cfg.peak_flops or tc.guess_peak_flops(device, run.dtype)
+    run.print(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
+    model, optimizer = run.prepare(raw_model)
+    step_model = torch.compile(model) if cfg.compile else model  # `raw_model` keeps the uncompiled weights
+
+    def load_weights(ckpt: str) -> None:
+        run.du.load_full_state_dict(model, Transformer.from_pretrained(ckpt, device=device).state_dict())
+
+    def write_weights(path: str, full_state=None) -> None:
+        extra = {"state_dict": full_state} if full_state is not None else {}
+        raw_model.save_pretrained(path, tokenizer_dir=cfg.data_dir, **extra)
+
+    def save(step: int) -> None:
+        full_state = run.full_state_dict()  # FSDP: gather the shards (every rank takes part)
+        run.save(step, lambda path: write_weights(path, full_state), data=train_data)
+
+    # ---- training loop ----
+    step = run.resume(load_weights, data=train_data)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    while step < cfg.steps:
+        lr = tc.lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)  # summed on device: no host sync until logging
+        aux_sum = torch.zeros((), device=device)
+        for micro in range(run.accum):
+            x, y = train_data.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
+                with run.autocast:
+                    loss = step_model(x, y)
+                    aux = raw_model.moe_aux_loss()  # MoE balancing losses (0 for dense models)
+                if step + 1 in cfg.inject_nan_steps:
+                    loss = loss * float("nan")
+                # Divide by accum: the gradients of `accum` micro-batches then sum to the mean over the batch.
+                run.scaler.scale((loss + aux) / run.accum).backward()
+            loss_sum += loss.detach()
+            aux_sum += torch.as_tensor(aux).detach()
+        loss_mean = tc.all_reduce_mean(loss_sum / run.accum)
+        applied = run.optimizer_step(step, loss_mean)
+        step += 1
+        if run.progress is not None:
+            run.progress.update(1)
+        if not applied:
+            continue
+
+        # ---- logging, eval, samples, checkpoints ----
+        done = step == cfg.steps
+        if step % cfg.log_every == 0 or done:
+            tok_per_s = run.throughput(step, tokens_per_step)
+            record = {
+                "step": step,
+                "loss": loss_mean.item(),
+                "lr": lr,
+                "tokens": step * tokens_per_step,
+                "tok_per_s": tok_per_s,
+                "mfu": flops_per_token * tok_per_s / (peak * run.world_size),
+                "grad_norm": run.last_grad_norm.item(),
+            }
+            if raw_model.config.n_experts:
+                record["aux_loss"] = (aux_sum / run.accum).item()
+                record.update(flatten_moe_metrics(raw_model.moe_metrics()))
+            run.log(record)
+            if run.progress is not None:
+                run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:.0f}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or done:
+            val = evaluate(step_model, val_data, cfg.eval_batches, device, run.autocast)
+            record = {"step": step, "val_loss": val}
+            if bytes_per_token:
+                record["val_bpb"] = val / math.log(2) / bytes_per_token  # bits per byte: tokenizer-independent
+            run.log(record)
+            run.print(
+                f"step {step}: val loss {val:.4f}" + (f", {record['val_bpb']:.3f} bits/byte" if bytes_per_token else "")
+            )
+        if run.master and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
+            print_sample(raw_model, tokenizer, cfg, device)
+        stopping = run.should_stop(step)
+        if step % cfg.save_every == 0 or done or stopping:
+            save(step)
+        if stopping:
+            break
+
+    # ---- finish ----
+    run.finish(step, f"pretrain {cfg.model}")
+
+
+def flatten_moe_metrics(metrics: dict) -> dict:
+    """{layer: {name: tensor}} -> flat JSON numbers, e.g. moe/3/max_load."""
+    flat = {}
+    for layer, values in metrics.items():
+        for name, value in values.items():
+            value = value.tolist() if torch.is_tensor(value) else value
+            flat[f"moe/{layer}/{name}"] = value
+    return flat
+
+
+@torch.no_grad()
+def print_sample(model, tokenizer, cfg: PretrainConfig, device) -> None:
+    """One sampled continuation of `sample_prompt`, with its own generator so training RNG is untouched."""
+    from sample import generate
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    ids = tokenizer.encode(cfg.sample_prompt, bos=True)
+    was_training = model.training
+    model.eval()
+    out = generate(model, [ids], max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+    model.train(was_training)
+    print("sample: " + repr(cfg.sample_prompt + tokenizer.decode(out[0])))
+
+
+if __name__ == "__main__":
+    run_cli(main, PretrainConfig, __doc__)
