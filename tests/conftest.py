@@ -5,6 +5,12 @@ import random
 import sys
 
 import pytest
+import torch
+
+# Triton fixes compiled-vs-interpreted mode when it is first imported, so decide before any test file
+# imports it: without a GPU, the FlashAttention kernel runs in Triton's CPU interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
