@@ -1,0 +1,439 @@
+"""Supervised fine-tuning (SFT): teach a base model to answer in the chat format, one readable loop.
+
+    python train_pretrain.py configs/pretrain_tiny.yaml          # the base model: out/pretrain
+    python train_sft.py configs/sft_tiny.yaml                     # LoRA on the built-in tasks, ~3 min on CPU
+    python train_sft.py configs/sft_tiny.yaml finetune=full lr=3e-4 out_dir=out/sft_full
+    python sample.py checkpoint=out/sft/merged chat=true          # talk to it
+    torchrun --nproc_per_node 8 train_sft.py configs/sft_tinyllama_qlora.yaml
+
+What it does
+- Loads a base checkpoint (ours from pretraining, or a Hugging Face Llama dir) with
+  `Transformer.from_pretrained`, then trains it in one of three ways (`finetune=`):
+    full   every weight is trained (fp32 master weights, autocast on GPU);
+    lora   frozen base + low-rank adapters on `lora_targets` (Hu et al. 2021), see lora.py;
+    qlora  the same, with the frozen base stored in 4-bit NF4 (Dettmers et al. 2023).
+- Conversations (`{"messages": [{"role", "content"}, ...]}` rows from the built-in tasks, a local
+  .jsonl, or a hub dataset) are rendered by `tokenizer.render_chat`, which also returns the loss
+  mask: 1 on assistant content and its closing <|end|>. Targets are -1 everywhere else, so the model
+  is graded only on what it must learn to say, never on the user's words (InstructGPT, Ouyang et
+  al. 2022, and most SFT recipes since).
+- Every assistant token of a step weighs the same: the summed loss of all micro-batches is divided
+  by the number of target tokens in the whole step (over ranks too). Dividing each micro-batch's
+  mean by `accum`, as pretraining does, would over-weight tokens in micro-batches with short answers.
+
+Padding, not packing (the key data choice)
+  Each micro-batch is right-padded to its longest example (capped at `seq_len`), pad targets -1.
+  With causal attention a real token only sees tokens to its left, so right padding never leaks
+  into real positions: the padded batch gives exactly the per-example losses (tests check this
+  against each example run alone). Packing several examples into one row would need a
+  block-diagonal mask or per-example position resets to avoid attention across examples; model.py
+  offers only a per-token padding mask (made for left-padded generation), and the built-in
+  examples are short and similar in length, so padding wastes little. For long, ragged datasets
+  (ultrachat) packing would save compute; that is the lever to add first if SFT speed matters.
+
+Data order is a seeded permutation per epoch; its position (epoch, index) is plain ints saved
+with each checkpoint, so `resume=auto` continues bit-exactly (weights, optimizer, RNG, data).
+Evaluation every `eval_every` steps (and at step 0): loss on `val_data` and greedy exact-match
+accuracy on `eval_tasks` (eval.task_accuracy), both in log.jsonl.
+
+Outputs (ARCHITECTURE.md contract 2): full runs write config.json + model.safetensors; LoRA runs
+write adapter_config.json + adapter_model.safetensors (PEFT layout, base_model_name_or_path = the
+base dir), and at the end also OUT/merged/, a plain model with the adapters folded in, for
+sample.py, eval.py and transformers. Tokenizer files are copied into every output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import lora
+import tasks
+import train_common as tc
+from config import UserError, run_cli
+from eval import task_accuracy
+from model import TOKENIZER_FILES, Transformer
+from tokenizer import Tokenizer
+
+# Legend: B batch (examples in a micro-batch), T time (tokens), V vocabulary.
+
+
+@dataclass
+class SFTConfig(tc.TrainConfig):
+    out_dir: str = "out/sft"  # where checkpoints, log.jsonl, the adapter and the merged model go
+    base: str = "out/pretrain"  # base checkpoint dir: ours or a Hugging Face Llama dir
+    tokenizer: str = ""  # dir holding tokenizer.model (default: the base dir)
+    data: str = "data/builtin/sft_train.jsonl"  # .jsonl file, local dataset file/dir, or hub dataset name
+    data_split: str = "train"  # split to read when `data` is a dataset (hub or local), e.g. train_sft
+    families: list[str] = field(default_factory=list)  # keep only rows with these "family" values (empty = all)
+    max_examples: int = 0  # use at most this many training conversations (0 = all)
+    val_data: str = "data/builtin/sft_test.jsonl"  # conversations for the validation loss ('' = none)
+    eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for exact-match accuracy ('' = none)
+    eval_tasks_n: int = 300  # task rows per accuracy pass (the first n after the family filter)
+    eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
+    eval_at_start: bool = True  # also evaluate the base model before the first step (the "before" number)
+    finetune: str = "lora"  # full | lora | qlora
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # module name suffixes that get adapters
+    lora_r: int = 8  # adapter rank
+    lora_alpha: float = 16.0  # adapter scale numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    double_quant: bool = False  # qlora: also quantize the NF4 block constants (QLoRA section 3)
+    base_dtype: str = (
+        "auto"  # dtype of the frozen base: auto (bf16 for (q)lora on GPU, else float32) | float32 | bfloat16
+    )
+    merge_at_end: bool = True  # (q)lora: also write OUT/merged, the base with adapters folded in
+    dropout: float = 0.0  # dropout on attention and residual branches
+    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
+    # SFT defaults differ from pretraining: fewer steps, short warmup, no weight decay on adapters.
+    steps: int = 300  # optimizer steps in the whole run
+    lr: float = 2e-4  # peak learning rate
+    min_lr: float = 2e-5  # learning rate at the end of the decay
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
+    eval_every: int = 100  # steps between evaluations (0 = only at the end)
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.finetune not in ("full", "lora", "qlora"):
+            errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
+        if not os.path.isdir(self.base):
+            errors.append(f"base: no checkpoint directory at '{self.base}'")
+        if self.tokenizer and not os.path.isdir(self.tokenizer):
+            errors.append(f"tokenizer: no directory at '{self.tokenizer}'")
+        for key in ("val_data", "eval_tasks"):
+            if getattr(self, key) and not os.path.isfile(getattr(self, key)):
+                errors.append(f"{key}: no file at '{getattr(self, key)}'")
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            errors.append("lora_r and lora_alpha must be > 0")
+        if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
+            errors.append("lora_dropout and dropout must be in [0, 1)")
+        if not self.lora_targets:
+            errors.append("lora_targets must name at least one module")
+        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            errors.append(f"base_dtype must be auto, float32, bfloat16 or float16, not '{self.base_dtype}'")
+        if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
+            errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
+        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
+            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
+            errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
+        return errors
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_conversations(source: str, split: str = "train", families=()) -> list[dict]:
+    """Rows with a valid "messages" list (at least one assistant turn) from a .jsonl file (errors name
+    file and line), or from a dataset that `datasets.load_dataset` reads (errors name the row)."""
+    if source.endswith(".jsonl") and os.path.isfile(source):
+        try:
+            rows = tasks.load_jsonl(source, tasks.SFT_KEYS)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        rows = _load_dataset_rows(source, split)
+    if families:
+        rows = [r for r in rows if r.get("family") in families]
+        if not rows:
+            raise UserError(f"{source}: no rows with family in {list(families)}")
+    return rows
+
+
+def _load_dataset_rows(source: str, split: str) -> list[dict]:
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    try:
+        if os.path.isfile(source):  # a local .json / .parquet / .csv file
+            kind = {"jsonl": "json"}.get(source.rsplit(".", 1)[-1], source.rsplit(".", 1)[-1])
+            ds = datasets.load_dataset(kind, data_files=source, split="train")
+        else:  # a local dataset dir or a hub name such as HuggingFaceH4/ultrachat_200k
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise UserError(
+            f"data: cannot load '{source}' split '{split}': {type(e).__name__}: {e}".split("\n")[0]
+        ) from None
+    if "messages" not in ds.column_names:
+        raise UserError(f"data: '{source}' has no 'messages' column (columns: {ds.column_names})")
+    rows = []
+    for i, row in enumerate(ds):
+        # The same row checks as tasks.load_jsonl, so a hub dataset fails as clearly as a local file.
+        problem = tasks._check_row(row, tasks.SFT_KEYS)
+        if problem:
+            raise UserError(f"{source} [{split}] row {i}: {problem}")
+        rows.append(row)
+    return rows
+
+
+def render_example(tokenizer: Tokenizer, messages: list[dict], seq_len: int) -> tuple[list[int], list[int]]:
+    """One conversation -> (x, y), each of length <= seq_len: y[t] = x[t+1] where that token is assistant
+    output (render_chat's mask), else -1. Longer conversations are cut at seq_len + 1 tokens."""
+    ids, mask = tokenizer.render_chat(messages)
+    ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+    x = ids[:-1]
+    y = [tok if learn else -1 for tok, learn in zip(ids[1:], mask[1:], strict=True)]
+    return x, y
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example: x (B, T) with pad_id, y (B, T) with -1 (no loss on padding)."""
+    T = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for row, (xs, ys) in enumerate(examples):
+        x[row, : len(xs)] = torch.tensor(xs)
+        y[row, : len(ys)] = torch.tensor(ys)
+    return x, y
+
+
+class ExampleSampler:
+    """Example indices in a fresh seeded permutation each epoch. The position is plain ints
+    (epoch, pos, tokens) so a checkpoint stores it as JSON and resume continues the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch = self.pos = self.tokens = 0
+        self._perm_epoch, self._perm = -1, []
+
+    def _order(self) -> list[int]:
+        if self._perm_epoch != self.epoch:
+            self._perm = list(range(self.n))
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(self._perm)  # str seed: stable across runs
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def take(self, k: int) -> list[int]:
+        """The next k indices, continuing into the next epoch's permutation at the end of this one."""
+        out = []
+        while len(out) < k:
+            chunk = self._order()[self.pos : self.pos + k - len(out)]
+            out += chunk
+            self.pos += len(chunk)
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "tokens": self.tokens, "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("n", self.n) != self.n:
+            raise UserError(f"resume: the checkpoint was trained on {d['n']} examples, this data has {self.n}")
+        self.epoch, self.pos, self.tokens = d["epoch"], d["pos"], d.get("tokens", 0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def val_loss(model, examples, batch_size: int, pad_id: int, device, autocast) -> float:
+    """Mean loss per assistant token over `examples` (every token weighs the same)."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    for i in range(0, len(examples), batch_size):
+        x, y = collate(examples[i : i + batch_size], pad_id)
+        with autocast:
+            total += model(x.to(device), y.to(device), loss_reduction="sum").float()
+        count += int((y != -1).sum())
+    model.train()
+    return total.item() / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def load_base(cfg: SFTConfig, device: torch.device) -> Transformer:
+    """The base model, with LoRA / QLoRA applied when asked (every non-adapter weight frozen)."""
+    attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+    dtype = cfg.base_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if cfg.finetune != "full" and device.type == "cuda" else "float32"
+    try:
+        model = Transformer.from_pretrained(
+            cfg.base, dtype=dtype, device=device, attn_impl=attn, dropout=cfg.dropout,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )  # fmt: skip
+        if cfg.finetune != "full":
+            lora.apply_lora(
+                model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
+                quantize="nf4" if cfg.finetune == "qlora" else None, double_quant=cfg.double_quant,
+            )  # fmt: skip
+            for p in lora.lora_parameters(model):
+                p.data = p.data.float()  # adapters train in fp32 even on a bf16 base: Adam needs the precision
+    except ValueError as e:
+        raise UserError(f"base: {e}") from None
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise UserError(f"seq_len {cfg.seq_len} > the base model's context {model.config.max_position_embeddings}")
+    return model
+
+
+def main(cfg: SFTConfig) -> None:
+    # ---- setup ----
+    run = tc.Run(cfg, "sft")
+    device = run.device
+    use_lora = cfg.finetune != "full"
+    tok_dir = cfg.tokenizer or cfg.base
+    base_dir = os.path.abspath(cfg.base)  # adapters name their base by an absolute path: loadable from anywhere
+
+    # ---- data ----
+    try:
+        tokenizer = Tokenizer(tok_dir)
+    except ValueError as e:  # e.g. an HF tokenizer without our chat markers
+        raise UserError(f"tokenizer in {tok_dir}: {e}") from None
+    rows = load_conversations(cfg.data, cfg.data_split, cfg.families)
+    if cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    train = [render_example(tokenizer, r["messages"], cfg.seq_len) for r in rows]
+    train = [ex for ex in train if any(t != -1 for t in ex[1])]  # cut to seq_len before any answer: nothing to learn
+    if len(train) < len(rows):
+        run.print(f"note: {len(rows) - len(train)} conversations lost all assistant tokens at seq_len {cfg.seq_len}")
+    if not train:
+        raise UserError(f"data: no conversation has an assistant token within seq_len {cfg.seq_len}")
+    val = []
+    if cfg.val_data:
+        val_rows = load_conversations(cfg.val_data, families=cfg.families)
+        val = [render_example(tokenizer, r["messages"], cfg.seq_len) for r in val_rows]
+    task_rows = []
+    if cfg.eval_tasks and cfg.eval_tasks_n:
+        try:
+            task_rows = tasks.load_jsonl(cfg.eval_tasks, tasks.TEST_KEYS)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        task_rows = [r for r in task_rows if not cfg.families or r.get("family") in cfg.families][: cfg.eval_tasks_n]
+    sampler = ExampleSampler(len(train), cfg.seed)
+    n_tokens = sum(len(x) for x, _ in train)
+    n_targets = sum(sum(t != -1 for t in y) for _, y in train)
+    run.print(f"data: {len(train)} conversations, {n_tokens:,} tokens, {n_targets:,} assistant tokens (trained on)")
+
+    # ---- model ----
+    torch.manual_seed(cfg.seed)  # LoRA's A init and dropout: identical on every rank
+    raw_model = load_base(cfg, device)
+    if tokenizer.vocab_size > raw_model.config.vocab_size:
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, the base model only {raw_model.config.vocab_size}"
+        )
+    run.print(lora.trainable_report(raw_model) if use_lora else f"full: {raw_model.num_parameters():,} trainable")
+    model, optimizer = run.prepare(raw_model)  # order: adapters first, then wrap, then the optimizer
+    step_model = torch.compile(model) if cfg.compile else model
+
+    def copy_tokenizer(path: str) -> None:
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tok_dir, name)):
+                shutil.copy2(os.path.join(tok_dir, name), os.path.join(path, name))
+
+    def write_weights(path: str, full_state=None) -> None:
+        if use_lora:  # only the adapter: the base stays where it is, named in adapter_config.json
+            lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
+            copy_tokenizer(path)
+        else:
+            extra = {"state_dict": full_state} if full_state is not None else {}
+            raw_model.save_pretrained(path, tokenizer_dir=tok_dir, **extra)
+
+    def save(step: int) -> None:
+        full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
+        run.save(step, lambda path: write_weights(path, full_state), data=sampler)
+
+    def load_weights(ckpt: str) -> None:
+        if use_lora:
+            lora.load_adapter(raw_model, ckpt)  # the layers exist already: this only copies A and B
+        else:
+            run.du.load_full_state_dict(model, Transformer.from_pretrained(ckpt, device=device).state_dict())
+
+    def evaluate(step: int) -> None:
+        record = {"step": step}
+        if val:
+            record["val_loss"] = val_loss(model, val, cfg.micro_batch_size, tokenizer.pad_id, device, run.autocast)
+        if task_rows and run.master and not run.sharded:  # generation needs the whole model on one rank
+            with run.autocast:
+                acc = task_accuracy(raw_model, tokenizer, task_rows, max_new_tokens=cfg.eval_max_new_tokens)
+            record["task_acc"] = acc["accuracy"]
+            record.update({f"task_acc/{f}": a for f, a in acc["by_family"].items()})
+        run.log(record)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
+        run.print(f"step {step}: {shown}")
+
+    # ---- training loop ----
+    step = run.resume(load_weights, data=sampler)
+    if step == 0 and cfg.eval_at_start:
+        evaluate(0)  # the base model's numbers, for the before/after comparison
+    t_last, tokens_last = time.perf_counter(), sampler.tokens
+    while step < cfg.steps:
+        lr = tc.lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # This rank's share of the global batch (the order does not depend on world size), in micro-batches.
+        mine = sampler.take(cfg.batch_size)[run.rank :: run.world_size]
+        mb = cfg.micro_batch_size
+        batches = [collate([train[i] for i in mine[m * mb : (m + 1) * mb]], tokenizer.pad_id) for m in range(run.accum)]
+        # Normalize by the target tokens of the whole step on all ranks; DDP averages gradients over ranks,
+        # so each rank divides by the mean count: the result is sum(token losses) / count(all tokens).
+        counts = [sum(int((y != -1).sum()) for _, y in batches), sum(x.numel() for x, _ in batches)]
+        n_targets, n_rows = tc.all_reduce_mean(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+        denom = max(n_targets, 1.0)
+        sampler.tokens += round(n_rows * run.world_size)  # padded tokens processed, all ranks
+        loss_sum = torch.zeros((), device=device)  # summed on device: no host sync until logging
+        for micro, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
+            with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
+                with run.autocast:
+                    loss = step_model(x, y, loss_reduction="sum") / denom
+                run.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per assistant token over the global batch
+        applied = run.optimizer_step(step, loss_mean)
+        step += 1
+        if run.progress is not None:
+            run.progress.update(1)
+        if not applied:
+            continue
+
+        # ---- logging, eval, checkpoints ----
+        done = step == cfg.steps
+        if step % cfg.log_every == 0 or done:
+            now = time.perf_counter()
+            tok_per_s = (sampler.tokens - tokens_last) / max(now - t_last, 1e-9)  # padded tokens, all ranks
+            t_last, tokens_last = now, sampler.tokens
+            record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": sampler.tokens,
+                      "tok_per_s": tok_per_s, "grad_norm": run.last_grad_norm.item(), "epoch": sampler.epoch}  # fmt: skip
+            run.log(record)
+            if run.progress is not None:
+                run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:.0f}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or done:
+            evaluate(step)
+        stopping = run.should_stop(step)
+        if step % cfg.save_every == 0 or done or stopping:
+            save(step)
+        if stopping:
+            break
+
+    # ---- finish ----
+    if use_lora and cfg.merge_at_end and step == cfg.steps and run.master:
+        # A plain checkpoint with W + scaling * B A folded in (QLoRA: into the dequantized base), which
+        # sample.py, eval.py and transformers read like any other model.
+        merged = os.path.join(cfg.out_dir, "merged")
+        raw_model.save_pretrained(merged, tokenizer_dir=tok_dir, state_dict=lora.merged_state_dict(raw_model))
+        run.print(f"merged model in {merged}")
+    run.finish(step, f"sft {cfg.finetune} from {os.path.basename(base_dir)}")
+
+
+def summarize(out_dir: str) -> dict:
+    """{"before": first task accuracy, "after": last} from log.jsonl (for the benchmark and the README)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as fh:
+        accs = [r for r in map(json.loads, fh) if "task_acc" in r]
+    return {"before": accs[0]["task_acc"], "after": accs[-1]["task_acc"]} if accs else {}
+
+
+if __name__ == "__main__":
+    run_cli(main, SFTConfig, __doc__)
