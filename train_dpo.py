@@ -1,0 +1,468 @@
+"""Direct Preference Optimization (DPO): learn from (prompt, chosen, rejected) pairs, one readable loop.
+
+    python prepare_data.py configs/data_builtin.yaml        # built-in tasks, incl. data/builtin/dpo_train.jsonl
+    python train_sft.py configs/sft_tiny.yaml               # the SFT model DPO starts from (out/sft)
+    python train_dpo.py configs/dpo_tiny.yaml               # LoRA DPO on the built-in pairs, ~2 minutes on CPU
+    torchrun --nproc_per_node 8 train_dpo.py init_from=out/sft_big lora=false ref=precompute lr=5e-7
+
+The idea (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+Reward Model"). The RLHF objective max E[r(x, y)] - beta KL(pi || pi_ref) is maximized by
+pi(y|x) ~ pi_ref(y|x) exp(r(x, y) / beta), so a policy implies its own reward,
+r(x, y) = beta log pi(y|x) / pi_ref(y|x) + (a term that depends on x only). Put that reward into the
+Bradley-Terry model of "y_w is preferred to y_l" and the x-only term cancels: preference learning becomes
+logistic regression on
+
+    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)],    loss = -log sigmoid(beta h)
+
+with no reward model and no sampling. log pi(y|x) sums the log-probs of the completion tokens only.
+
+Key choices:
+- `dpo_loss` holds every variant in one place: sigmoid (conservative DPO through label smoothing), IPO,
+  hinge (SLiC) and robust DPO. Rewards beta * log-ratio are logged, never differentiated.
+- The reference: with LoRA it is the same network with its adapters switched off (`lora.disable_adapters`),
+  so there is no second copy in memory; full fine-tuning keeps a frozen copy; `ref=precompute` computes the
+  reference log-probs of every pair once before training and then never runs the reference again.
+  The reference always runs in eval mode (no dropout): it is a fixed function of the pair.
+- The chosen and rejected sequences of a micro-batch go through the model in ONE forward (2B rows, padded on
+  the right, padded targets -1): one pass over the weights instead of two. Right padding needs no attention
+  mask: causal attention never lets a real token see the pads that follow it.
+- Tokenization goes through tokenizer.render_prompt_completion, so the prompt/completion boundary is exact
+  (no piece merges across it, BOS once). Too long: the prompt is cut from the left (BOS kept), because the
+  completion is what is scored.
+
+Checkpoints, resume, logging, signals and the non-finite-step guard are train_common.Run's, as in
+train_pretrain.py. Every `eval_every` steps greedy exact-match accuracy on the held-out built-in tasks is
+logged (eval.task_accuracy), with the starting model's accuracy logged at step 0 for comparison.
+
+Shapes: B pairs per micro-batch (2B rows through the model), T time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import lora
+import train_common as tc
+from config import UserError, run_cli
+from eval import task_accuracy
+from tasks import TEST_KEYS, load_jsonl
+from tokenizer import Tokenizer
+from train_sft import ExampleSampler, collate, load_base
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses from summed completion log-probs, all (B,).
+
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards = beta * (log pi - log pi_ref),
+    detached. label_smoothing is the assumed probability that a label is flipped (sigmoid and robust).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # (B,) log pi(y_w|x) / pi_ref(y_w|x)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_ratio - rejected_ratio  # (B,) how much more the policy prefers y_w than the reference does
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        # Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"): the binary cross-entropy
+        # against a soft label 1 - eps. eps = 0 is the original DPO loss.
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        # Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"): an unbiased estimate of the clean loss
+        # under label noise eps. Unlike the smoothed loss it keeps pushing h up; it can go below zero.
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        # SLiC-HF (Zhao et al. 2023): a margin loss on the reward difference; zero once beta h >= 1.
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        # IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+        # Preferences"): regress h onto 1 / (2 beta) instead of pushing it to infinity, so a deterministic
+        # preference cannot drive the policy arbitrarily far from the reference. (Some libraries average the
+        # log-probs over tokens for IPO; here every loss type uses the same summed log-probs.)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not '{loss_type}'")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def completion_logps(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """batch = (x, y), both (2B, T), targets -1 outside completions -> summed completion log-probs (2B,).
+
+    The model's own fp32 cross-entropy with loss_reduction="none" gives -log p per target (0 where ignored).
+    """
+    x, y = batch
+    return -model(x, y, loss_reduction="none").sum(dim=-1)  # (2B, T) -> (2B,)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off inside the block, the previous mode restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, batch) -> torch.Tensor:
+    """Reference completion log-probs (2B,): `ref_model` (a frozen copy) when given, else `model` itself with
+    its LoRA adapters off, which for an unmerged LoRA model is bit-identical to the base network."""
+    if ref_model is not None:
+        with eval_mode(ref_model):
+            return completion_logps(ref_model, batch)
+    with eval_mode(model), lora.disable_adapters(model):
+        return completion_logps(model, batch)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def to_pair(row: dict, where: str) -> tuple[list[dict], str, str]:
+    """One preference row -> (prompt messages, chosen text, rejected text). ValueError names `where`.
+
+    Accepted shapes: {"prompt": str | messages, "chosen": str, "rejected": str}; conversation pairs
+    {"chosen": messages, "rejected": messages} that share every turn but the last assistant answer (the
+    Anthropic HH layout); or {"prompt": str | messages, "chosen": [assistant msg], "rejected": [assistant msg]}.
+    """
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+            last = msgs[-1] if msgs else None
+            if (
+                not isinstance(last, dict)
+                or last.get("role") != "assistant"
+                or not isinstance(last.get("content"), str)
+            ):
+                raise ValueError(f"{where}: '{side}' must end with an assistant message")
+        if prompt is None:  # the shared history is the prompt
+            prompt = chosen[:-1]
+            if rejected[:-1] != prompt:
+                raise ValueError(f"{where}: chosen and rejected conversations differ before the last answer")
+        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+    elif not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both be message lists")
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where}: needs a 'prompt' (a string or a message list)")
+    if chosen == rejected:
+        raise ValueError(f"{where}: chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+def read_pairs(path: str) -> list[tuple[list[dict], str, str]]:
+    """A local jsonl file of preference rows -> [(prompt messages, chosen, rejected)]; errors name file and line."""
+    # load_jsonl does the JSON / UTF-8 / identical-pair checks with line numbers; `object` accepts any JSON
+    # value, because chosen/rejected may be strings or message lists (to_pair checks which).
+    rows = load_jsonl(path, {"chosen": object, "rejected": object})
+    with open(path, "rb") as fh:
+        lines = [n for n, raw in enumerate(fh, start=1) if raw.strip()]  # load_jsonl skips blank lines
+    return [to_pair(row, f"{path} line {n}") for row, n in zip(rows, lines, strict=True)]
+
+
+def read_hub_pairs(name: str, split: str) -> list[tuple[list[dict], str, str]]:
+    """A Hugging Face hub dataset with the same columns (needs the network once; cached after)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub raises many types (connection, missing split, auth): one line for all
+        raise UserError(f"hub_dataset {name} split {split}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    return [to_pair(row, f"{name} ({split}) row {i}") for i, row in enumerate(ds)]
+
+
+def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, seq_len: int):
+    """-> (prompt_ids, chosen_ids, rejected_ids); prompt + either completion is at most seq_len + 1 tokens
+    (seq_len inputs after the shift by one).
+
+    Both completions share the same (possibly shortened) prompt, so their log-probs stay comparable. Too
+    long: the prompt loses tokens from the left, after BOS; only a completion that leaves fewer than 8
+    prompt tokens is cut itself (from the right).
+    """
+    p, c = tokenizer.render_prompt_completion(prompt, chosen)
+    _, r = tokenizer.render_prompt_completion(prompt, rejected)
+    limit = seq_len + 1
+    min_prompt = min(len(p), 8)
+    budget = limit - max(len(c), len(r))  # tokens left for the prompt
+    if budget < min_prompt:
+        c, r, budget = c[: limit - min_prompt], r[: limit - min_prompt], min_prompt
+    if len(p) > budget:
+        p = p[:1] + p[len(p) - budget + 1 :]  # BOS, then the end of the prompt (the question and <|assistant|>)
+    return p, c, r
+
+
+def sequence_example(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
+    """prompt + completion -> (x, y) for train_sft.collate: y[t] = x[t+1] on completion tokens, else -1.
+    The prediction made at the last prompt token (<|assistant|>) is the first completion token."""
+    s = prompt_ids + completion_ids
+    return s[:-1], [-1] * (len(prompt_ids) - 1) + completion_ids
+
+
+def make_batch(pairs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(prompt_ids, chosen_ids, rejected_ids)] * B -> (x, y), both (2B, T): rows 0..B-1 the chosen
+    sequences, rows B..2B-1 the rejected ones, right-padded (x with pad_id, y with -1) by SFT's collate."""
+    chosen = [sequence_example(p, c) for p, c, _ in pairs]
+    rejected = [sequence_example(p, r) for p, _, r in pairs]
+    return collate(chosen + rejected, pad_id)
+
+
+@torch.no_grad()
+def precompute_reference(model, pairs: list, batch_size: int, pad_id: int, device, autocast) -> torch.Tensor:
+    """Reference log-probs of every pair, (N, 2) = (chosen, rejected), from `model` as it is now (call it
+    before the first update; a LoRA model runs with its adapters off)."""
+    out = torch.empty(len(pairs), 2, device=device)
+    for i in range(0, len(pairs), batch_size):
+        x, y = make_batch(pairs[i : i + batch_size], pad_id)
+        with autocast:
+            logps = reference_logps(model, None, (x.to(device), y.to(device))).float()  # (2b,)
+        out[i : i + batch_size] = logps.view(2, -1).T  # (b, 2)
+    return out
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class DPOConfig(tc.TrainConfig):
+    out_dir: str = "out/dpo"  # where checkpoints, log.jsonl, the adapter and the merged model go
+    base: str = "out/sft/merged"  # the model to improve, which is also the reference: ours or an HF Llama dir
+    tokenizer: str = ""  # dir holding tokenizer.model (default: the base dir)
+    data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of preference pairs, or a hub dataset name
+    data_split: str = "train"  # split to read when `data` is a hub dataset
+    max_examples: int = 0  # use at most this many pairs (0 = all)
+    eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for exact-match accuracy ('' = none)
+    eval_tasks_n: int = 300  # task rows per accuracy pass (the first n)
+    eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
+    eval_at_start: bool = True  # also evaluate the starting model before the first step (the "before" number)
+    beta: float = 0.1  # strength of the KL pull toward the reference (the reward is beta * log-ratio)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
+    label_smoothing: float = 0.0  # assumed label-flip probability: conservative DPO (sigmoid) or robust DPO
+    ref: str = "auto"  # reference: auto (adapters_off for (q)lora, copy for full) | adapters_off | copy | precompute
+    finetune: str = "lora"  # full | lora | qlora
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # module name suffixes that get adapters
+    lora_r: int = 8  # adapter rank
+    lora_alpha: float = 16.0  # adapter scale numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    double_quant: bool = False  # qlora: also quantize the NF4 block constants (QLoRA section 3)
+    base_dtype: str = "auto"  # dtype of the frozen base: auto (bf16 for (q)lora on GPU, else float32) | float32 | ...
+    merge_at_end: bool = True  # (q)lora: also write OUT/merged, the base with adapters folded in
+    dropout: float = 0.0  # dropout on attention and residual branches (the reference always runs without)
+    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
+    # DPO defaults: short runs, pairs of two sequences each, small steps away from the reference.
+    steps: int = 200  # optimizer steps in the whole run
+    batch_size: int = 32  # pairs per optimizer step (2x sequences), summed over ranks and accumulation
+    micro_batch_size: int = 8  # pairs per forward/backward on one rank (2x rows in the forward)
+    seq_len: int = 128  # max tokens of prompt + completion (the prompt is cut from the left beyond it)
+    lr: float = 5e-5  # peak learning rate
+    min_lr: float = 5e-6  # learning rate at the end of the decay
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
+    eval_every: int = 50  # steps between task-accuracy passes (0 = only at the end)
+    save_every: int = 100  # steps between checkpoints (the last step is always saved)
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.finetune not in ("full", "lora", "qlora"):
+            errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
+        if not os.path.isdir(self.base):
+            errors.append(f"base: no checkpoint directory at '{self.base}'")
+        elif os.path.isfile(os.path.join(self.base, "adapter_config.json")):
+            hint = (
+                f"; use its merged model {self.base}/merged" if os.path.isdir(os.path.join(self.base, "merged")) else ""
+            )
+            errors.append(f"base: '{self.base}' is a LoRA adapter dir, DPO needs a plain model{hint}")
+        if self.tokenizer and not os.path.isdir(self.tokenizer):
+            errors.append(f"tokenizer: no directory at '{self.tokenizer}'")
+        if self.eval_tasks and not os.path.isfile(self.eval_tasks):
+            errors.append(f"eval_tasks: no file at '{self.eval_tasks}'")
+        if self.beta <= 0:
+            errors.append("beta must be > 0")
+        if self.loss_type not in LOSS_TYPES:
+            errors.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not '{self.loss_type}'")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            errors.append("label_smoothing must be in [0, 0.5)")
+        if self.ref not in ("auto", "adapters_off", "copy", "precompute"):
+            errors.append(f"ref must be auto, adapters_off, copy or precompute, not '{self.ref}'")
+        if self.ref == "adapters_off" and self.finetune == "full":
+            errors.append("ref=adapters_off needs finetune=lora or qlora (full fine-tuning has no adapters)")
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            errors.append("lora_r and lora_alpha must be > 0")
+        if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
+            errors.append("lora_dropout and dropout must be in [0, 1)")
+        if self.seq_len < 16:
+            errors.append("seq_len must be >= 16 (room for a prompt and a completion)")
+        if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
+            errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
+        return errors
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def main(cfg: DPOConfig) -> None:
+    # ---- setup ----
+    run = tc.Run(cfg, "dpo")
+    device = run.device
+    use_lora = cfg.finetune != "full"
+    ref_kind = cfg.ref if cfg.ref != "auto" else ("adapters_off" if use_lora else "copy")
+    tok_dir = cfg.tokenizer or cfg.base
+    base_dir = os.path.abspath(cfg.base)  # adapters name their base by an absolute path: loadable from anywhere
+
+    # ---- data ----
+    try:
+        tokenizer = Tokenizer(tok_dir)
+        rows = read_pairs(cfg.data) if cfg.data.endswith(".jsonl") else read_hub_pairs(cfg.data, cfg.data_split)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rows = rows[: cfg.max_examples or None]
+    pairs = [tokenize_pair(tokenizer, *row, cfg.seq_len) for row in rows]  # [(prompt, chosen, rejected) ids]
+    task_rows = []
+    if cfg.eval_tasks and cfg.eval_tasks_n:
+        try:
+            task_rows = load_jsonl(cfg.eval_tasks, TEST_KEYS)[: cfg.eval_tasks_n]
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    sampler = ExampleSampler(len(pairs), cfg.seed)
+    run.print(f"data: {len(pairs)} pairs, {sum(len(p) + len(c) + len(r) for p, c, r in pairs):,} tokens")
+
+    # ---- model ----
+    torch.manual_seed(cfg.seed)  # LoRA's A init: identical on every rank
+    raw_model = load_base(cfg, device)  # SFT's loader: from_pretrained, then (Q)LoRA when asked
+    if tokenizer.vocab_size > raw_model.config.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {raw_model.config.vocab_size}")
+    run.print(lora.trainable_report(raw_model) if use_lora else f"full: {raw_model.num_parameters():,} trainable")
+    # Full fine-tuning needs the starting weights kept aside as the reference: one frozen copy, never trained.
+    ref_model = copy.deepcopy(raw_model).requires_grad_(False).eval() if ref_kind == "copy" else None
+    model, optimizer = run.prepare(raw_model)  # order: adapters first, then wrap, then the optimizer
+    step_model = torch.compile(model) if cfg.compile else model
+    ref_table = None
+    if ref_kind == "precompute":
+        # Before resume loads any trained weights: the model is still the reference (LoRA's B starts at 0,
+        # and the adapters are off anyway). A resumed run recomputes the same table from the same start.
+        ref_table = precompute_reference(model, pairs, 2 * cfg.micro_batch_size, tokenizer.pad_id, device, run.autocast)
+        run.print(f"reference log-probs precomputed for {len(pairs)} pairs")
+
+    def save(step: int) -> None:
+        full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
+        write = lambda path: tc.write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
+        run.save(step, write, data=sampler)
+
+    def evaluate(step: int) -> None:
+        if not (task_rows and run.master and not run.sharded):  # generation needs the whole model on one rank
+            return
+        with run.autocast:
+            acc = task_accuracy(raw_model, tokenizer, task_rows, max_new_tokens=cfg.eval_max_new_tokens)
+        record = {"step": step, "task_acc": acc["accuracy"]}
+        record.update({f"task_acc/{f}": a for f, a in acc["by_family"].items()})
+        run.log(record)
+        run.print(f"step {step}: task accuracy {acc['accuracy']:.4f}")
+
+    # ---- training loop ----
+    step = run.resume(lambda ckpt: tc.read_finetuned(run, raw_model, ckpt), data=sampler)
+    if step == 0 and cfg.eval_at_start:
+        evaluate(0)  # the starting model's accuracy, for the before/after comparison
+    t_last, tokens_last = time.perf_counter(), sampler.tokens
+    mb = cfg.micro_batch_size
+    while step < cfg.steps:
+        lr = tc.lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # This rank's share of the global batch of pairs (the order does not depend on world size).
+        mine = sampler.take(cfg.batch_size)[run.rank :: run.world_size]
+        # loss, chosen/rejected rewards, accuracy, margin, chosen/rejected log-probs: summed on device
+        sums = torch.zeros(7, device=device)
+        for micro in range(run.accum):
+            idx = mine[micro * mb : (micro + 1) * mb]
+            x, y = make_batch([pairs[i] for i in idx], tokenizer.pad_id)  # (2B, T) each
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sampler.tokens += x.numel() * run.world_size  # padded tokens processed, all ranks (approximately)
+            if ref_table is not None:
+                ref_c, ref_r = ref_table[idx].T  # (B,) each
+            else:
+                with run.autocast:
+                    ref_c, ref_r = reference_logps(model, ref_model, (x, y)).float().chunk(2)  # (B,) each
+            with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
+                with run.autocast:
+                    logps = completion_logps(step_model, (x, y))  # (2B,): chosen and rejected in one forward
+                    aux = raw_model.moe_aux_loss()  # MoE balancing losses (0 for dense models)
+                pol_c, pol_r = logps.float().chunk(2)  # (B,) each
+                losses, rew_c, rew_r = dpo_loss(
+                    pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing
+                )
+                # Each micro-batch holds the same number of pairs: the mean over one, divided by accum,
+                # sums to the mean over the whole step (DDP then averages the ranks).
+                run.scaler.scale((losses.mean() + aux) / run.accum).backward()
+            metrics = [
+                losses.detach(),
+                rew_c,
+                rew_r,
+                (rew_c > rew_r).float(),
+                rew_c - rew_r,
+                pol_c.detach(),
+                pol_r.detach(),
+            ]
+            sums += torch.stack([m.mean() for m in metrics])
+        means = tc.all_reduce_mean(sums / run.accum)
+        applied = run.optimizer_step(step, means[0])
+        step += 1
+        if run.progress is not None:
+            run.progress.update(1)
+        if not applied:
+            continue
+
+        # ---- logging, eval, checkpoints ----
+        done = step == cfg.steps
+        if step % cfg.log_every == 0 or done:
+            now = time.perf_counter()
+            tok_per_s = (sampler.tokens - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, sampler.tokens
+            names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+                     "logps/chosen", "logps/rejected"]  # fmt: skip
+            record = {"step": step, **dict(zip(names, means.tolist(), strict=True)), "lr": lr,
+                      "tokens": sampler.tokens, "tok_per_s": tok_per_s, "grad_norm": run.last_grad_norm.item(),
+                      "epoch": sampler.epoch}  # fmt: skip
+            run.log(record)
+            if run.progress is not None:
+                run.progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracy']:.2f}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or done:
+            evaluate(step)
+        stopping = run.should_stop(step)
+        if step % cfg.save_every == 0 or done or stopping:
+            save(step)
+        if stopping:
+            break
+
+    # ---- finish ----
+    if use_lora and cfg.merge_at_end and step == cfg.steps and run.master:
+        run.print(f"merged model in {tc.write_merged(raw_model, cfg.out_dir, tok_dir)}")
+    run.finish(step, f"dpo {cfg.loss_type} ({cfg.finetune}) from {os.path.basename(base_dir)}")
+
+
+if __name__ == "__main__":
+    run_cli(main, DPOConfig, __doc__)
