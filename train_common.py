@@ -719,3 +719,45 @@ def guess_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         return 100e12
     # CPU: cores x ~2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); only a yardstick.
     return (os.cpu_count() or 1) * 2.5e9 * 32
+
+
+# ----------------------------------------------------------------------------- fine-tuning outputs (SFT, DPO)
+
+
+def write_finetuned(raw_model: torch.nn.Module, path: str, tokenizer_dir: str, base_dir: str, state_dict=None) -> None:
+    """The model files of a fine-tuning checkpoint. A LoRA model writes only its adapter (PEFT layout, with
+    base_model_name_or_path = base_dir) plus the tokenizer files; a full model writes config.json +
+    model.safetensors (state_dict: the full weights gathered from FSDP shards, else the model's own)."""
+    import lora
+    from model import TOKENIZER_FILES
+
+    if lora.lora_layers(raw_model):
+        lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+    else:
+        raw_model.save_pretrained(path, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
+
+
+def read_finetuned(run: Run, raw_model: torch.nn.Module, ckpt_dir: str) -> None:
+    """Load what write_finetuned wrote back into the running model (resume): the adapter weights into the
+    existing LoRA layers, or the full weights into the (possibly wrapped) model."""
+    import lora
+    from model import Transformer
+
+    if lora.lora_layers(raw_model):
+        lora.load_adapter(raw_model, ckpt_dir)  # the layers exist already: this only copies A and B
+    else:
+        sd = Transformer.from_pretrained(ckpt_dir, device=run.device).state_dict()
+        run.du.load_full_state_dict(run.model, sd)
+
+
+def write_merged(raw_model: torch.nn.Module, out_dir: str, tokenizer_dir: str) -> str:
+    """OUT/merged: a plain checkpoint with every LoRA update folded into its base weight (QLoRA: into the
+    dequantized base), which sample.py, eval.py, transformers and the next stage read like any model."""
+    import lora
+
+    merged = os.path.join(out_dir, "merged")
+    raw_model.save_pretrained(merged, tokenizer_dir=tokenizer_dir, state_dict=lora.merged_state_dict(raw_model))
+    return merged
