@@ -1,0 +1,241 @@
+"""Hugging Face-compatible checkpoints: our Transformer <-> config.json + model.safetensors.
+
+Because model.py's module tree mirrors transformers' LlamaForCausalLM, the tensor names need no
+mapping: saving is `state_dict()` minus a tied lm_head, written as safetensors with
+`{"format": "pt"}` metadata; the only conversions are
+  * config: ModelConfig <-> LlamaConfig / MixtralConfig keys (`config_to_hf`, `config_from_hf`), writing
+    both transformers 4.x (`rope_scaling`) and 5.x (`rope_parameters`) spellings;
+  * MoE experts: our stacked (E, F, C) tensors <-> Mixtral's per-expert keys (moe.experts_to_hf / _from_hf).
+`load` reads our dirs, HF Llama / Mixtral dirs (one file or shards with model.safetensors.index.json), and
+LoRA adapter dirs (base named by base_model_name_or_path, then lora.load_adapter). Nothing is unpickled:
+a dir with only pytorch_model.bin is refused. Files are written under a temporary name and renamed.
+
+Used through `Transformer.save_pretrained` / `Transformer.from_pretrained` (model.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+
+def save(model, path: str, tokenizer_dir: str | None = None, dtype=None, state_dict=None) -> None:
+    """Write config.json (LlamaConfig keys, MixtralConfig keys for MoE) and model.safetensors (HF tensor
+    names, format=pt metadata, a tied lm_head left out as HF does); copy tokenizer files from tokenizer_dir.
+    dtype casts floating tensors on the way out (e.g. torch.bfloat16); None keeps the model's dtype.
+    state_dict replaces model.state_dict() (e.g. full weights gathered from FSDP shards)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens on load
+    if model.config.n_experts > 0:
+        import moe
+
+        sd = moe.experts_to_hf(sd)  # stacked (E, F, C) experts -> Mixtral's experts.{j}.w1.weight
+    tensors, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        ptr = v.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (e.g. expert slices of one stacked tensor): copy those.
+        v = v.clone() if ptr in seen or not v.is_contiguous() else v
+        seen.add(ptr)
+        tensors[k] = v
+    w_dtype = next(iter(tensors.values())).dtype
+    _atomic_write(os.path.join(path, "model.safetensors"), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    hf = config_to_hf(model.config, w_dtype)
+    _atomic_write(os.path.join(path, "config.json"), lambda f: _write_json(hf, f))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+
+
+def load(cls, path: str, dtype=None, device="cpu", **overrides):
+    """Load our checkpoint dir, an HF Llama / Mixtral dir (single or sharded safetensors), or a LoRA adapter
+    dir (adapter_config.json: its base_model_name_or_path is loaded, then lora.load_adapter).
+
+    dtype: None = float32, "auto" = as stored, or a torch dtype / its name. overrides: ModelConfig fields that
+    are not architecture (attn_impl, dropout, gradient_checkpointing, ...). Never unpickles anything.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint directory {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        candidates = [base, os.path.join(path, base)] if base else []
+        base_dir = next((c for c in candidates if os.path.isdir(c)), None)
+        if base_dir is None:
+            raise ValueError(f"adapter in {path!r} names base model {base!r}, which is not a local directory")
+        import lora
+
+        model = load(cls, base_dir, dtype=dtype, device=device, **overrides)
+        lora.load_adapter(model, path)
+        return model
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path!r} has no config.json (not a checkpoint directory)")
+    with open(config_path) as f:
+        hf = json.load(f)
+    config = config_from_hf(hf, **overrides)
+    if dtype == "auto":
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else (dtype or torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError("dtype must be None, 'auto', a torch dtype or its name such as 'bfloat16'")
+    sd = _read_safetensors(path, dtype, device)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF checkpoints store it
+    if config.n_experts > 0:
+        import moe
+
+        sd = moe.experts_from_hf(sd)
+    with torch.device("meta"):
+        model = cls(config)
+    required = {k for k, _ in model.named_parameters()}  # tied lm_head is not listed: it is embed_tokens
+    allowed = set(model.state_dict()) | required  # + persistent buffers (sigmoid router bias), may be absent
+    missing, unexpected = sorted(required - set(sd)), sorted(set(sd) - allowed)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path!r} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    model.load_state_dict(sd, strict=False, assign=True)  # assign: adopt the loaded tensors, no copy
+    model.tie_weights()
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # RoPE tables, MoE router state (Mixtral files have none): materialize as zeros
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, torch.zeros_like(buf, device=device))
+    model.init_rope()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint helpers: config.json <-> ModelConfig, safetensors files
+# ---------------------------------------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Fields whose name and meaning are the same in LlamaConfig / MixtralConfig and here.
+HF_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+)  # fmt: skip
+# MoE fields Mixtral cannot express: stored as extra config.json keys, which transformers keeps and ignores.
+MOE_EXTRA_KEYS = ("n_shared_experts", "moe_layers", "router", "z_loss_coef", "capacity_factor", "bias_update_rate")
+# transformers' LlamaConfig defaults, used when a key is absent from an HF config.json.
+HF_DEFAULTS = {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_dropout": 0.0}
+
+
+def config_to_hf(c, dtype=torch.float32) -> dict:
+    """ModelConfig -> config.json dict that transformers' AutoConfig reads (4.x and 5.x key styles)."""
+    d = {k: getattr(c, k) for k in HF_KEYS}
+    scaling = dict(c.rope_scaling) if c.rope_scaling else None
+    if scaling is not None:
+        scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type"))
+    # transformers 5 reads rope_parameters; 4.x reads rope_theta + rope_scaling. Write both, they agree.
+    d["rope_scaling"] = scaling
+    d["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": c.rope_theta}
+    d.update(head_dim=c.head_dim, hidden_act="silu", attention_bias=False, mlp_bias=False, use_cache=True)
+    d["dtype"] = str(dtype).removeprefix("torch.")
+    if c.n_experts == 0:
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", intermediate_size=c.intermediate_size)
+        return d
+    d.update(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=c.moe_intermediate_size or c.intermediate_size,  # Mixtral: the width of one expert
+        dense_intermediate_size=c.intermediate_size,  # ours: dense layers of a mixed model
+        num_local_experts=c.n_experts,
+        num_experts_per_tok=c.top_k,
+        router_aux_loss_coef=c.aux_loss_coef,
+        router_jitter_noise=c.router_noise,
+        output_router_logits=False,
+        sliding_window=None,
+    )
+    d.update({k: getattr(c, k) for k in MOE_EXTRA_KEYS})
+    return d
+
+
+def config_from_hf(d: dict, **overrides):
+    """config.json dict (ours or transformers') -> ModelConfig; unsupported architectures raise ValueError."""
+    model_type = d.get("model_type")
+    if model_type not in ("llama", "mixtral"):
+        raise ValueError(
+            f"unsupported architecture {d.get('architectures') or model_type}: only Llama and Mixtral load"
+        )
+    if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
+        raise ValueError("unsupported Llama variant: needs hidden_act=silu and no attention/mlp biases")
+    if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+        raise ValueError(f"unsupported head_dim={d['head_dim']}: must equal hidden_size / num_attention_heads")
+    kw = {k: d.get(k, HF_DEFAULTS.get(k)) for k in HF_KEYS if k in d or k in HF_DEFAULTS}
+    kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+    if kw.get("num_key_value_heads") is None:
+        kw["num_key_value_heads"] = d["num_attention_heads"]
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = kw["eos_token_id"][0]  # Llama 3 lists several; we stop on the first
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+    kw["intermediate_size"] = d.get("intermediate_size", 11008)
+    if model_type == "mixtral":
+        if d.get("sliding_window") and d["sliding_window"] < kw["max_position_embeddings"]:
+            raise ValueError(f"unsupported Mixtral sliding_window={d['sliding_window']}")
+        kw["intermediate_size"] = d.get("dense_intermediate_size", d["intermediate_size"])
+        kw.update(
+            n_experts=d["num_local_experts"],
+            top_k=d["num_experts_per_tok"],
+            moe_intermediate_size=d["intermediate_size"],
+            aux_loss_coef=d.get("router_aux_loss_coef", 0.01),
+            router_noise=d.get("router_jitter_noise") or 0.0,
+        )
+        kw.update({k: d[k] for k in MOE_EXTRA_KEYS if k in d})
+    kw.update(overrides)
+    from model import ModelConfig  # here, not at the top: model.py imports this file
+
+    return ModelConfig(**kw)
+
+
+def _read_safetensors(path: str, dtype, device) -> dict:
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json, cast one by one."""
+    from safetensors import SafetensorError, safe_open
+
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        raise ValueError(f"{path!r} has only pickle weights (pytorch_model.bin); convert them to safetensors first")
+    else:
+        raise ValueError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise ValueError(f"shard {file!r} listed in the index is missing")
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    sd[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    return sd
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _atomic_write(path: str, write):
+    """write(tmp_path), then rename over path: a crash mid-save never leaves a half-written file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
