@@ -1,0 +1,240 @@
+"""train_sft.py: the assistant-only loss mask, exact padding, the data sampler, full / LoRA / QLoRA runs,
+exact resume in a new process, one-line data errors, and that SFT raises held-out task accuracy.
+
+Runs use a randomly initialized micro model (tests/fixtures/model_micro.yaml) saved with save_pretrained
+next to the `tiny_data_dir` tokenizer (vocab 512), and the built-in tasks that prepare_data wrote there.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import MICRO_MODEL, ROOT
+from safetensors.torch import load_file
+
+import lora
+import train_sft
+from config import UserError, load_yaml, parse_args
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.fixture(scope="module")
+def micro_base(tiny_data_dir, tmp_path_factory):
+    """A random-init micro model + the tiny tokenizer, as a checkpoint dir (the SFT base)."""
+    path = str(tmp_path_factory.mktemp("base"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**load_yaml(MICRO_MODEL)))
+    model.init_weights()
+    model.save_pretrained(path, tokenizer_dir=tiny_data_dir)
+    return path
+
+
+def sft_args(data_dir, base, out_dir, **kw):
+    args = dict(
+        base=base, out_dir=out_dir, data=f"{data_dir}/sft_train.jsonl", val_data=f"{data_dir}/sft_test.jsonl",
+        eval_tasks=f"{data_dir}/test.jsonl", eval_tasks_n=20, families="[easy]", steps=8, batch_size=8,
+        micro_batch_size=4, seq_len=96, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0, log_every=1,
+        save_every=100, progress=False, seed=0, device="cpu", eval_at_start=False,
+    )  # fmt: skip
+    args.update(kw)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_inprocess(argv):
+    train_sft.main(parse_args(train_sft.SFTConfig, argv))
+
+
+def run_subprocess(argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def log_rows(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["loss"] for r in log_rows(out_dir) if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- data pieces
+
+
+def test_loss_mask_is_exactly_the_assistant_tokens(tiny_data_dir):
+    tok = Tokenizer(tiny_data_dir)
+    end = tok.special_id("<|end|>")
+    messages = [
+        {"role": "system", "content": "Answer like the Python REPL."},
+        {"role": "user", "content": "len('abc') = ?"},
+        {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "'ab' * 2 = ?"},
+        {"role": "assistant", "content": "'abab'"},
+    ]
+    x, y = train_sft.render_example(tok, messages, seq_len=200)
+    # Reference built from plain encode(): each assistant answer's tokens followed by <|end|>, in order.
+    expected = tok.encode("3") + [end] + tok.encode("'abab'") + [end]
+    assert [t for t in y if t != -1] == expected
+    ids, _ = tok.render_chat(messages)
+    assert x == ids[:-1] and all(t == -1 or t == ids[i + 1] for i, t in enumerate(y))  # next-token targets
+    # The learned span starts right after each <|assistant|> marker and nowhere else.
+    starts = [i for i in range(len(y)) if y[i] != -1 and (i == 0 or y[i - 1] == -1)]
+    assert [x[i] for i in starts] == [tok.special_id("<|assistant|>")] * 2
+    # Truncation keeps the first seq_len positions.
+    xs, ys = train_sft.render_example(tok, messages, seq_len=10)
+    assert xs == x[:10] and ys == y[:10]
+
+
+def test_padded_batch_gives_each_example_its_own_loss(tiny_data_dir):
+    """Right padding is exact: per-example losses in a padded batch equal each example run alone (fp32)."""
+    tok = Tokenizer(tiny_data_dir)
+    rows = [json.loads(line) for line in open(f"{tiny_data_dir}/sft_train.jsonl")][:5]
+    examples = [train_sft.render_example(tok, r["messages"], seq_len=96) for r in rows]
+    assert len({len(x) for x, _ in examples}) > 1  # different lengths, so padding happens
+    x, y = train_sft.collate(examples, tok.pad_id)
+    for row, (xs, ys) in enumerate(examples):
+        assert (x[row, len(xs) :] == tok.pad_id).all() and (y[row, len(ys) :] == -1).all()
+        # every learned token of the batch is an assistant token of its own example, across the padding
+        assert y[row][y[row] != -1].tolist() == [t for t in ys if t != -1]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**load_yaml(MICRO_MODEL))).eval()
+    model.init_weights()
+    with torch.no_grad():
+        batch = model(x, y, loss_reduction="none")  # (B, T)
+        for row, (xs, ys) in enumerate(examples):
+            alone = model(torch.tensor([xs]), torch.tensor([ys]), loss_reduction="none")[0]
+            torch.testing.assert_close(batch[row, : len(xs)], alone, rtol=1e-5, atol=1e-6)
+            assert (batch[row, len(xs) :] == 0).all()
+
+
+def test_sampler_covers_each_epoch_and_resumes_exactly():
+    s = train_sft.ExampleSampler(10, seed=3)
+    first = s.take(7) + s.take(7) + s.take(6)  # two epochs, crossing the boundary mid-take
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
+    assert first[:10] != first[10:]  # a fresh permutation per epoch
+    a = train_sft.ExampleSampler(10, seed=3)
+    a.take(13)
+    state = json.loads(json.dumps(a.state_dict()))  # plain ints: JSON round trip
+    b = train_sft.ExampleSampler(10, seed=3)
+    b.load_state_dict(state)
+    assert a.take(15) == b.take(15) and first[13:] == train_sft.ExampleSampler(10, 3).take(20)[13:]
+
+
+def test_data_errors_name_file_and_line(tiny_data_dir, micro_base, tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "1 + 1 = ?"}, {"role": "assistant", "content": "2"}]})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n" + good + "\n{not json\n")
+    proc = run_subprocess(sft_args(tiny_data_dir, micro_base, str(tmp_path / "o"), data=str(bad)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and f"{bad} line 3: invalid JSON" in proc.stderr
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match=r"no_answer.jsonl line 2: conversation has no assistant turn"):
+        train_sft.load_conversations(str(no_answer))
+    # Other files go through `datasets` (hub names too): a bad row is named by its index.
+    as_json = tmp_path / "rows.json"
+    as_json.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match=r"rows.json \[train\] row 1: conversation has no assistant turn"):
+        train_sft.load_conversations(str(as_json))
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_lora_run_changes_only_adapters_and_merges(tiny_data_dir, micro_base, tmp_path, finetune):
+    out = str(tmp_path / finetune)
+    run_inprocess(sft_args(tiny_data_dir, micro_base, out, finetune=finetune, steps=6, lora_r=4, lora_alpha=8))
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["base_model_name_or_path"] == os.path.abspath(micro_base) and cfg["r"] == 4
+    assert os.path.isfile(os.path.join(out, "tokenizer.model"))
+    adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B left zero: the adapter trained
+    base = load_file(os.path.join(micro_base, "model.safetensors"))
+    merged = load_file(os.path.join(out, "merged", "model.safetensors"))
+    assert merged.keys() == base.keys()
+    for name, w in base.items():
+        module = name.rsplit(".", 1)[0]
+        if module.endswith(LORA_TARGETS):
+            a = adapter[f"base_model.model.{module}.lora_A.weight"]
+            b = adapter[f"base_model.model.{module}.lora_B.weight"]
+            if finetune == "qlora":  # QLoRA trains against (and merges into) the NF4 round trip of the base
+                w = lora.nf4_dequantize(lora.nf4_quantize(w), w.shape)
+            expected = w + (8 / 4) * (b @ a)  # W + alpha/r * B A, in plain torch
+            torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(merged[name], w), name  # embeddings, norms, MLP: untouched
+    # The adapter dir (base + adapter) and the merged dir are the same model.
+    idx = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        via_adapter = Transformer.from_pretrained(out)(idx)
+        via_merged = Transformer.from_pretrained(os.path.join(out, "merged"))(idx)
+    if finetune == "lora":
+        torch.testing.assert_close(via_adapter, via_merged, rtol=1e-4, atol=1e-5)
+
+
+def test_full_finetune_writes_a_model(tiny_data_dir, micro_base, tmp_path):
+    out = str(tmp_path / "full")
+    run_inprocess(sft_args(tiny_data_dir, micro_base, out, finetune="full", steps=4))
+    final, base = load_file(os.path.join(out, "model.safetensors")), load_file(f"{micro_base}/model.safetensors")
+    assert final.keys() == base.keys() and all(not torch.equal(final[k], base[k]) for k in base)
+    assert os.path.isfile(os.path.join(out, "tokenizer.model"))
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())
+
+
+def test_accumulation_equals_one_big_batch(tiny_data_dir, micro_base, tmp_path):
+    """4 micro-batches of 2 == one batch of 8: the loss is normalized by the step's assistant tokens,
+    not per micro-batch, so answers of different lengths weigh the same either way (fp32)."""
+    big, acc = str(tmp_path / "big"), str(tmp_path / "acc")
+    run_inprocess(sft_args(tiny_data_dir, micro_base, big, finetune="full", steps=3, micro_batch_size=8))
+    run_inprocess(sft_args(tiny_data_dir, micro_base, acc, finetune="full", steps=3, micro_batch_size=2))
+    a, b = load_file(os.path.join(big, "model.safetensors")), load_file(os.path.join(acc, "model.safetensors"))
+    # Adam divides by sqrt(v), which amplifies summation-order noise in near-zero gradients: atol 1e-5.
+    # A per-micro-batch mean would move weights by ~lr = 3e-3.
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+    la, lb = train_losses(big), train_losses(acc)
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+
+
+def test_exact_resume_in_a_new_process(tiny_data_dir, micro_base, tmp_path):
+    """8 steps straight == 3 steps, exit, a new process resumes to 8: bit-identical losses and adapter.
+    lora_dropout and dropout make the restored RNG state matter; the data position must be exact too."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    common = dict(finetune="lora", lora_dropout=0.1, dropout=0.1, eval_every=4)
+    assert run_subprocess(sft_args(tiny_data_dir, micro_base, straight, **common)).returncode == 0
+    first = run_subprocess(sft_args(tiny_data_dir, micro_base, split, stop_after_steps=3, **common))
+    assert first.returncode == 0 and "saved step 3" in first.stdout
+    assert not os.path.exists(os.path.join(split, "adapter_model.safetensors"))  # not finished: no export yet
+    second = run_subprocess(sft_args(tiny_data_dir, micro_base, split, **common))
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr
+    assert train_losses(straight) == train_losses(split)  # exact float equality, every step
+    a = load_file(os.path.join(straight, "adapter_model.safetensors"))
+    b = load_file(os.path.join(split, "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evals = [r for r in log_rows(split) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]  # log.jsonl reads as one clean run
+
+
+# ----------------------------------------------------------------------------- what SFT achieves
+
+
+def test_sft_raises_heldout_task_accuracy(tiny_data_dir, micro_base, tmp_path):
+    """Full SFT of the micro model on the easy built-in tasks: held-out greedy exact match goes from 0
+    (a random model never emits `answer<|end|>`) to ~0.37 (measured over seeds 0-3: 0.37-0.38 on 100 rows)."""
+    out = str(tmp_path / "learn")
+    run_inprocess(
+        sft_args(tiny_data_dir, micro_base, out, finetune="full", steps=120, batch_size=32, micro_batch_size=32,
+                 warmup_steps=10, eval_tasks_n=100, eval_at_start=True, val_data="", log_every=20)
+    )  # fmt: skip
+    accs = [r["task_acc"] for r in log_rows(out) if "task_acc" in r]
+    before, after = accs[0], accs[-1]
+    assert after >= before + 0.2 and after >= 0.25, (before, after)
