@@ -702,6 +702,9 @@ class Run:
         elif self.master and self.last_checkpoint:
             export_final(self.cfg.out_dir, self.last_checkpoint)
             png = plot_loss_curve(self.cfg.out_dir, title)
+            # DONE marks a finished stage: `make demo` skips stages that have one (FORCE=1 redoes them).
+            with open(os.path.join(self.cfg.out_dir, "DONE"), "w") as fh:
+                json.dump({"stage": self.stage, "step": step, "time": time.time()}, fh)
             print(f"done: final model in {self.cfg.out_dir}" + (f", loss curve {png}" if png else ""), flush=True)
         self.logger.finish()
         self.stop.restore()
