@@ -1,16 +1,60 @@
 """Evaluation: loss / perplexity / bits-per-byte, task accuracy, multiple-choice scoring.
 
-(Skeleton: `task_accuracy` is used by the training loops; the command line is being built.)
+    python eval.py checkpoint=out/pretrain                           # everything, on data/builtin
+    python eval.py checkpoint=out/sft data=notes/*.txt tasks= choices=   # only the text loss of some files
+    python eval.py compare=out/pretrain,out/sft,out/dpo              # side-by-side table: base -> SFT -> DPO
+    python eval.py --help
+
+What is measured (each part is skipped when its input is set to ""):
+- Language modelling on `data`: a prepared data dir (its val_*.bin shards) or text files (.txt, one
+  document per file; .jsonl, one document per row's "text"). Sequences are cut into windows of
+  seq_len + 1 tokens at stride seq_len, so every token after the first is predicted exactly once.
+    val_loss = mean nats per predicted token;  val_ppl = exp(val_loss);
+    val_bpb  = total nats / ln 2 / total UTF-8 bytes of the text.
+  Bits per byte does not depend on the tokenizer, so models with different vocabularies compare
+  fairly (Gao et al. 2020, "The Pile", section 4). For text files the bytes are counted exactly
+  (each document is BOS + its tokens; every text token is predicted); for shards the byte count is
+  the predicted tokens times meta.json's val text_bytes / tokens.
+- Exact match on the built-in held-out tasks (`tasks`, rows {"prompt", "answer"}): greedy decoding of
+  a one-turn chat, scored by tasks.exact_match (`task_accuracy`, also used by the SFT/DPO loops).
+- Multiple choice (`choices`, rows {"context", "choices", "label"} as in HellaSwag / ARC; tasks.py
+  writes choice_test.jsonl): each choice is scored by the log-likelihood of its tokens given the
+  context, sum over the choice's tokens of log p(token | everything before it). The choice is appended
+  to the context as-is (write a leading space into the choice when the text needs one, as lm-eval's
+  HellaSwag does); the context/choice token boundary is taken from tokenizing the concatenation.
+    choice_acc            argmax of the summed log-prob (lm-evaluation-harness's `acc`);
+    choice_acc_norm       argmax of summed log-prob / UTF-8 bytes of the choice (lm-eval's `acc_bytes`,
+                          the same as its character-normalised `acc_norm` for ASCII choices);
+    choice_acc_token_norm argmax of summed log-prob / number of choice tokens.
+  A sum favours short choices (fewer negative terms); normalising removes that bias.
+
+The last line of stdout is one JSON object with every metric (ARCHITECTURE.md, contract 4); with
+`compare=` a table comes first and the JSON holds one entry per checkpoint.
+
+For standard benchmarks run lm-evaluation-harness on the same directory (it loads our checkpoints
+through transformers): lm_eval --model hf --model_args pretrained=out/sft --tasks hellaswag,arc_easy
+
+Shape legend: B batch, T time, V vocabulary.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import math
+import os
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from sample import generate
-from tasks import exact_match
+from config import UserError, run_cli
+from sample import generate, load_for_inference, stop_ids_of
+from tasks import exact_match, load_jsonl
+
+# ----------------------------------------------------------------------------- task accuracy (greedy exact match)
 
 
 @torch.no_grad()
@@ -22,7 +66,7 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, 
     """
     was_training = model.training
     model.eval()
-    stop = (tokenizer.special_id("<|end|>"), tokenizer.eos_id)
+    stop = stop_ids_of(tokenizer)
     correct, by_family = [], defaultdict(list)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
@@ -36,3 +80,264 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, 
     model.train(was_training)
     acc = sum(correct) / max(1, len(correct))
     return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
+
+
+# ----------------------------------------------------------------------------- loss over token sequences
+
+
+def _windows(seqs, seq_len: int):
+    """(input, target) pairs of length <= seq_len from each sequence, stride seq_len: each token after a
+    sequence's first is a target exactly once. seqs: iterable of 1-D int arrays (np.memmap is fine)."""
+    for seq in seqs:
+        for start in range(0, len(seq) - 1, seq_len):
+            chunk = np.asarray(seq[start : start + seq_len + 1], dtype=np.int64)
+            yield chunk[:-1], chunk[1:]
+
+
+def _pad_batch(pairs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (input, target) pairs into x (B, T) with id 0 and y (B, T) with -1 (ignored by the loss).
+    Right padding needs no mask: causal attention never lets a real token see the pads after it."""
+    T = max(len(x) for x, _ in pairs)
+    x = torch.zeros(len(pairs), T, dtype=torch.long)
+    y = torch.full((len(pairs), T), -1, dtype=torch.long)
+    for r, (xi, yi) in enumerate(pairs):
+        x[r, : len(xi)], y[r, : len(yi)] = torch.from_numpy(np.asarray(xi)), torch.from_numpy(np.asarray(yi))
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def sequence_nll(model, seqs, seq_len: int, batch_size: int = 8, max_tokens: int = 0) -> tuple[float, int]:
+    """(total nats, number of predicted tokens) of the model on token sequences; max_tokens > 0 stops once
+    at least that many tokens are predicted."""
+    device = next(model.parameters()).device
+    V = model.config.vocab_size
+    nats, count, batch = 0.0, 0, []
+
+    def flush():
+        nonlocal nats, count
+        x, y = _pad_batch(batch, device)
+        if int(x.max()) >= V or int(y.max()) >= V:
+            raise UserError(f"data holds token id {max(int(x.max()), int(y.max()))} >= model vocab_size {V}")
+        nats += float(model(x, targets=y, loss_reduction="sum"))  # fp32 cross-entropy inside the model
+        count += int((y != -1).sum())
+        batch.clear()
+
+    for pair in _windows(seqs, seq_len):
+        batch.append(pair)
+        if len(batch) == batch_size:
+            flush()
+            if max_tokens and count >= max_tokens:
+                return nats, count
+    if batch:
+        flush()
+    return nats, count
+
+
+def _lm_metrics(nats: float, tokens: int, n_bytes: float, source: str) -> dict:
+    loss = nats / max(tokens, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_bpb": nats / math.log(2) / n_bytes,
+            "val_tokens": tokens, "val_bytes": round(n_bytes), "val_source": source}  # fmt: skip
+
+
+def shard_loss(model, tokenizer, data_dir: str, seq_len: int, batch_size: int = 8, max_tokens: int = 0) -> dict:
+    """Loss / perplexity / bits-per-byte on the val_*.bin shards of a prepare_data.py directory."""
+    from prepare_data import read_shard
+
+    with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    sha = meta.get("tokenizer_sha256")
+    if sha and getattr(tokenizer, "sha256", None) and sha != tokenizer.sha256:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the checkpoint's (sha256 differs)")
+    paths = sorted(glob.glob(os.path.join(data_dir, "val_*.bin")))
+    if not paths:
+        raise UserError(f"{data_dir}: no val_*.bin shards; run prepare_data.py with val_fraction > 0")
+    try:
+        shards = [read_shard(p) for p in paths]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    nats, tokens = sequence_nll(model, shards, seq_len, batch_size, max_tokens)
+    val = meta["splits"]["val"]
+    bytes_per_token = val["text_bytes"] / max(val["tokens"], 1)  # BOS/EOS counted as tokens, as the loss does
+    return _lm_metrics(nats, tokens, tokens * bytes_per_token, data_dir)
+
+
+def read_documents(pattern: str) -> list[str]:
+    """Documents of text files: .txt = one document per file, .jsonl = the "text" of each row."""
+    paths = sorted(p for part in pattern.split(",") for p in glob.glob(part.strip()) if os.path.isfile(p))
+    if not paths:
+        raise UserError(f"data: no files match '{pattern}'")
+    docs = []
+    for path in paths:
+        if path.endswith(".jsonl"):
+            docs += [row["text"] for row in _load(path, {"text": str})]
+        else:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                docs.append(fh.read())
+    return [d for d in docs if d]
+
+
+def text_loss(model, tokenizer, pattern: str, seq_len: int, batch_size: int = 8, max_tokens: int = 0) -> dict:
+    """Loss / perplexity / bits-per-byte on text files; every token of each document after its BOS is predicted."""
+    docs = read_documents(pattern)
+    seqs = [[tokenizer.bos_id] + tokenizer.encode(d) for d in docs]
+    nats, tokens = sequence_nll(model, seqs, seq_len, batch_size, max_tokens)
+    # With a token cap only part of the text was scored: count the bytes of the scored documents' share.
+    total_tokens = sum(len(s) - 1 for s in seqs)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs) * min(1.0, tokens / max(total_tokens, 1))
+    return _lm_metrics(nats, tokens, n_bytes, pattern)
+
+
+# ----------------------------------------------------------------------------- multiple-choice log-likelihood
+
+
+def encode_choice(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
+    """(context ids with BOS, choice ids). The boundary comes from tokenizing context + choice together, so the
+    choice tokens are the ones the model would really see after that context (lm-eval does the same); if the
+    tokenizer merges a piece across the boundary, fall back to tokenizing the two parts separately."""
+    ctx = [tokenizer.bos_id] + tokenizer.encode(context)
+    whole = [tokenizer.bos_id] + tokenizer.encode(context + choice)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
+    return ctx, tokenizer.encode(choice)
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[tuple[float, int]]]:
+    """For each row, for each choice: (sum of log p(choice token | context and earlier choice tokens), number of
+    choice tokens). Sequences longer than the model context lose their oldest context tokens."""
+    device = next(model.parameters()).device
+    limit = model.config.max_position_embeddings + 1
+    pairs, owner = [], []  # (input, target) with targets -1 on the context; owner = (row, choice)
+    for r, row in enumerate(rows):
+        for c, choice in enumerate(row["choices"]):
+            ctx, cont = encode_choice(tokenizer, row["context"], choice)
+            seq = np.array((ctx + cont)[-limit:], dtype=np.int64)
+            target = seq[1:].copy()
+            target[: len(seq) - 1 - len(cont)] = -1  # score only the choice tokens
+            pairs.append((seq[:-1], target))
+            owner.append((r, c, len(cont)))
+    scores = [[None] * len(row["choices"]) for row in rows]
+    for i in range(0, len(pairs), batch_size):
+        x, y = _pad_batch(pairs[i : i + batch_size], device)
+        nll = model(x, targets=y, loss_reduction="none")  # (B, T) nats, 0 where ignored
+        for (r, c, n), row_nll in zip(owner[i : i + batch_size], nll.sum(-1).tolist(), strict=True):
+            scores[r][c] = (-row_nll, n)
+    return scores
+
+
+def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16) -> dict:
+    """acc (raw sum), acc_norm (per UTF-8 byte of the choice), acc_token_norm (per choice token), n; ties go
+    to the first choice."""
+    scores = choice_logprobs(model, tokenizer, rows, batch_size)
+    hits = {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
+    for row, row_scores in zip(rows, scores, strict=True):
+        logp = np.array([s for s, _ in row_scores])
+        n_bytes = np.array([max(1, len(c.encode("utf-8"))) for c in row["choices"]])
+        n_tokens = np.array([max(1, n) for _, n in row_scores])
+        hits["acc"] += int(np.argmax(logp)) == row["label"]
+        hits["acc_norm"] += int(np.argmax(logp / n_bytes)) == row["label"]
+        hits["acc_token_norm"] += int(np.argmax(logp / n_tokens)) == row["label"]
+    return {k: v / len(rows) for k, v in hits.items()} | {"n": len(rows)}
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "out/pretrain"  # checkpoint dir: ours, a LoRA adapter dir, or an HF Llama/Mixtral dir
+    compare: list[str] = field(default_factory=list)  # several checkpoints side by side, e.g. compare=base,sft,dpo
+    data: str = "data/builtin"  # LM loss: a prepared data dir (val shards) or text files (glob, comma list); "" = skip
+    tasks: str = "data/builtin/test.jsonl"  # exact-match tasks {"prompt","answer"} (greedy chat); "" = skip
+    choices: str = "data/builtin/choice_test.jsonl"  # multiple choice {"context","choices","label"}; "" = skip
+    seq_len: int = 0  # window for the LM loss; 0 = the model's context length
+    max_tokens: int = 0  # stop the LM loss after this many predicted tokens (0 = all)
+    limit: int = 0  # use only the first N task and choice rows (0 = all)
+    max_new_tokens: int = 24  # generation budget per task answer
+    batch_size: int = 8  # sequences per forward
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+    def validate(self) -> list[str]:
+        errors = [f"checkpoint: no directory at '{d}'" for d in self.checkpoints() if not os.path.isdir(d)]
+        if self.data and not os.path.isdir(self.data) and not any(glob.glob(p.strip()) for p in self.data.split(",")):
+            errors.append(f"data: no directory or files at '{self.data}' (set data= to skip the LM loss)")
+        for key in ("tasks", "choices"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                errors.append(f"{key}: no file at '{path}' (run prepare_data.py, or set {key}= to skip)")
+        if self.seq_len < 0 or self.max_tokens < 0 or self.limit < 0:
+            errors.append("seq_len, max_tokens and limit must be >= 0")
+        if self.batch_size <= 0 or self.max_new_tokens <= 0:
+            errors.append("batch_size and max_new_tokens must be > 0")
+        return errors
+
+    def checkpoints(self) -> list[str]:
+        return list(self.compare) or [self.checkpoint]
+
+
+def _load(path: str, keys) -> list[dict]:
+    try:
+        return load_jsonl(path, keys)
+    except ValueError as e:  # names the file and line
+        raise UserError(str(e)) from None
+
+
+def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
+    """Every metric the config asks for, on one checkpoint: a flat dict (by_family nested)."""
+    t0 = time.perf_counter()
+    model, tokenizer = load_for_inference(checkpoint, cfg.device, cfg.dtype)
+    metrics: dict = {"checkpoint": checkpoint}
+    if cfg.data:
+        seq_len = min(cfg.seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        if os.path.isfile(os.path.join(cfg.data, "meta.json")):
+            metrics |= shard_loss(model, tokenizer, cfg.data, seq_len, cfg.batch_size, cfg.max_tokens)
+        else:
+            metrics |= text_loss(model, tokenizer, cfg.data, seq_len, cfg.batch_size, cfg.max_tokens)
+    if cfg.tasks:
+        rows = _load(cfg.tasks, {"prompt": str, "answer": str})[: cfg.limit or None]
+        acc = task_accuracy(model, tokenizer, rows, cfg.max_new_tokens, batch_size=4 * cfg.batch_size)
+        metrics |= {"task_acc": acc["accuracy"], "task_n": acc["n"], "task_by_family": acc["by_family"]}
+    if cfg.choices:
+        rows = _load(cfg.choices, {"context": str, "choices": list, "label": int})[: cfg.limit or None]
+        metrics |= {f"choice_{k}": v for k, v in choice_accuracy(model, tokenizer, rows, 2 * cfg.batch_size).items()}
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    return metrics
+
+
+TABLE_ROWS = ("val_loss", "val_ppl", "val_bpb", "task_acc", "choice_acc", "choice_acc_norm", "choice_acc_token_norm")
+
+
+def format_table(results: list[dict]) -> str:
+    """Metrics as rows, checkpoints as columns (base -> SFT -> DPO reads left to right)."""
+    names = [r["checkpoint"].rstrip("/") for r in results]
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'metric':<22}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    families = sorted({f for r in results for f in r.get("task_by_family", {})})
+    rows = [(k, lambda r, k=k: r.get(k)) for k in TABLE_ROWS]
+    rows[4:4] = [(f"task_acc/{f}", lambda r, f=f: r.get("task_by_family", {}).get(f)) for f in families]
+    for label, get in rows:
+        values = [get(r) for r in results]
+        if all(v is None for v in values):
+            continue
+        lines.append(f"{label:<22}" + "".join(f"{'-' if v is None else f'{v:.4f}':>{width + 2}}" for v in values))
+    return "\n".join(lines)
+
+
+def main(cfg: EvalConfig) -> dict:
+    results = []
+    for checkpoint in cfg.checkpoints():
+        metrics = evaluate(checkpoint, cfg)
+        results.append(metrics)
+        print(f"{checkpoint}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if cfg.compare:
+        print(format_table(results))
+        out = {"compare": results}
+    else:
+        out = results[0]
+    print(json.dumps(out), flush=True)  # contract 4: the last line of stdout is the metrics JSON
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main, EvalConfig, __doc__, show_config=False)

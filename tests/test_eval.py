@@ -1,0 +1,222 @@
+"""eval.py: bits-per-byte by hand, multiple-choice scoring on a hand-built bigram model, exact match, the CLI.
+
+References: hand-computed log-probabilities of a bigram table, a plain loop of mean losses converted to bits
+per byte with the byte count, greedy outputs turned into answers. The CLI runs in-process (run_cli + capsys).
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_eval.py
+"""
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MICRO_MODEL
+
+import eval as ev
+import sample
+from config import UserError, run_cli
+from model import ModelConfig, Transformer
+from prepare_data import read_shard
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_data_dir, tmp_path_factory):
+    import yaml
+
+    torch.manual_seed(0)
+    with open(MICRO_MODEL) as f:
+        model = Transformer(ModelConfig(**yaml.safe_load(f)))
+    path = str(tmp_path_factory.mktemp("ckpt") / "micro")
+    model.save_pretrained(path, tokenizer_dir=tiny_data_dir)
+    return path
+
+
+def run_eval(argv, capsys):
+    run_cli(ev.main, ev.EvalConfig, argv=argv, show_config=False)
+    return capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- language-model metrics
+
+
+def test_bits_per_byte_on_text_equals_loss_converted_by_hand(ckpt, tmp_path):
+    text = "The old man paints a quiet river near the station. Ünïcode costs more bytes than characters.\n"
+    path = tmp_path / "doc.txt"
+    path.write_text(text, encoding="utf-8")
+    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
+    with torch.no_grad():
+        loss = float(model(ids[:, :-1], targets=ids[:, 1:]))  # mean nats over every text token
+    n_pred, n_bytes = ids.shape[1] - 1, len(text.encode("utf-8"))
+    got = ev.text_loss(model, tok, str(path), seq_len=128)
+    assert got["val_tokens"] == n_pred and got["val_bytes"] == n_bytes
+    assert got["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(loss * n_pred / math.log(2) / n_bytes, rel=1e-5)
+    assert got["val_ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    # windows shorter than the document: the same tokens predicted, each with less context
+    short = ev.text_loss(model, tok, str(path), seq_len=8)
+    assert short["val_tokens"] == n_pred and short["val_bytes"] == n_bytes
+
+
+def test_shard_loss_equals_plain_window_loop(ckpt, tiny_data_dir):
+    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    tokens = np.concatenate([read_shard(os.path.join(tiny_data_dir, f)) for f in sorted(os.listdir(tiny_data_dir))
+                             if f.startswith("val_")]).astype(np.int64)  # fmt: skip
+    T, nats, count = 32, 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(tokens) - 1, T):
+            w = torch.from_numpy(tokens[s : s + T + 1])[None]
+            nats += float(model(w[:, :-1], targets=w[:, 1:])) * (w.shape[1] - 1)
+            count += w.shape[1] - 1
+    meta = json.load(open(os.path.join(tiny_data_dir, "meta.json")))
+    bytes_per_token = meta["splits"]["val"]["text_bytes"] / meta["splits"]["val"]["tokens"]
+    got = ev.shard_loss(model, tok, tiny_data_dir, seq_len=T, batch_size=5)
+    assert got["val_tokens"] == count == len(tokens) - 1
+    assert got["val_loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(nats / math.log(2) / (count * bytes_per_token), rel=1e-5)
+
+
+def test_shards_of_another_tokenizer_are_refused(ckpt, tiny_data_dir, tmp_path):
+    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.load(open(os.path.join(tiny_data_dir, "meta.json")))
+    meta["tokenizer_sha256"] = "0" * 64
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="another tokenizer"):
+        ev.shard_loss(model, tok, str(other), seq_len=32)
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+class CharTokenizer:
+    """One id per ASCII character; id 0 is BOS."""
+
+    bos_id, vocab_size = 0, 128
+
+    def encode(self, text, bos=False):
+        return [0] * bos + [ord(c) for c in text]
+
+
+class Bigram(torch.nn.Module):
+    """logits[t] = log P(next | token t) from a hand-written table: log-likelihoods are known by hand."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logp = torch.nn.Parameter(probs.log())  # (V, V)
+        self.config = SimpleNamespace(max_position_embeddings=64, vocab_size=probs.shape[0])
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        logits = self.logp[idx]  # (B, T, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        return nll.view(idx.shape)
+
+
+def bigram_table(rows: dict) -> torch.Tensor:
+    """{prev char: {next char: prob}} -> (V, V) table; each row's remaining mass spread over the other ids."""
+    V = 128
+    probs = torch.full((V, V), 1.0 / V, dtype=torch.float64)
+    for prev, nexts in rows.items():
+        rest = (1.0 - sum(nexts.values())) / (V - len(nexts))
+        probs[ord(prev)] = rest
+        for c, p in nexts.items():
+            probs[ord(prev), ord(c)] = p
+    return probs
+
+
+def test_choice_scoring_where_length_normalization_matters():
+    table = bigram_table(
+        {":": {"a": 0.5, "x": 0.45}, "a": {"b": 0.9}, "b": {"c": 0.85, "d": 0.09}, ";": {"y": 0.3, "a": 0.6}}
+    )
+    model, tok = Bigram(table), CharTokenizer()
+    rows = [
+        {"context": "Q:", "choices": ["abc", "x"], "label": 0},  # the long right answer loses on the raw sum
+        {"context": "R;", "choices": ["y", "abd"], "label": 0},  # the short right answer loses once normalised
+    ]
+    scores = ev.choice_logprobs(model, tok, rows)
+    by_hand = [[math.log(0.5) + math.log(0.9) + math.log(0.85), math.log(0.45)],
+               [math.log(0.3), math.log(0.6) + math.log(0.9) + math.log(0.09)]]  # fmt: skip
+    for row_scores, row_hand in zip(scores, by_hand, strict=True):
+        for (logp, _), want in zip(row_scores, row_hand, strict=True):
+            assert logp == pytest.approx(want, rel=1e-5)
+    assert [[n for _, n in s] for s in scores] == [[3, 1], [1, 3]]
+    # row 0: raw -0.96 (abc) < -0.80 (x) -> wrong; per byte -0.32 > -0.80 -> right.
+    # row 1: raw -1.20 (y) > -3.02 (abd) -> right; per byte -1.20 < -1.01 -> wrong.
+    assert ev.choice_accuracy(model, tok, rows[:1]) == {"acc": 0.0, "acc_norm": 1.0, "acc_token_norm": 1.0, "n": 1}
+    assert ev.choice_accuracy(model, tok, rows[1:]) == {"acc": 1.0, "acc_norm": 0.0, "acc_token_norm": 0.0, "n": 1}
+
+
+def test_choice_boundary_comes_from_the_joint_tokenization(ckpt):
+    _, tok = sample.load_for_inference(ckpt, device="cpu")
+    ctx, cont = ev.encode_choice(tok, "The cat sees", " the red ball")
+    assert ctx + cont == [tok.bos_id] + tok.encode("The cat sees the red ball")
+
+
+# ----------------------------------------------------------------------------- exact match
+
+
+def test_task_accuracy_counts_greedy_answers(ckpt):
+    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    prompts = ["1 + 1 = ?", "len('ab') = ?", "max(3, 4) = ?", "'a'.upper() = ?"]
+    rows = []
+    for i, p in enumerate(prompts):
+        ids, _ = tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+        out = sample.generate(model, [ids], 8, temperature=0.0, stop_ids=sample.stop_ids_of(tok))[0]
+        said = tok.decode(out)
+        rows.append({"prompt": p, "answer": said if i % 2 == 0 else said + "!", "family": "easy" if i < 2 else "hard"})
+    got = ev.task_accuracy(model, tok, rows, max_new_tokens=8, batch_size=3)
+    assert got == {"accuracy": 0.5, "by_family": {"easy": 0.5, "hard": 0.5}, "n": 4}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_prints_json_last_line(ckpt, tiny_data_dir, capsys):
+    argv = [f"checkpoint={ckpt}", f"data={tiny_data_dir}", f"tasks={tiny_data_dir}/test.jsonl",
+            f"choices={tiny_data_dir}/choice_test.jsonl", "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
+    out = run_eval(argv, capsys)
+    metrics = json.loads(out.strip().splitlines()[-1])
+    for key in ("val_loss", "val_ppl", "val_bpb", "task_acc", "choice_acc", "choice_acc_norm", "choice_acc_token_norm"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["task_n"] == metrics["choice_n"] == 12 and metrics["checkpoint"] == ckpt
+    assert 0 <= metrics["choice_acc"] <= 1 and metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
+
+
+def test_compare_prints_a_table_then_json(ckpt, tmp_path, capsys):
+    second = str(tmp_path / "second")
+    torch.manual_seed(1)
+    Transformer.from_pretrained(ckpt).save_pretrained(second, tokenizer_dir=ckpt)
+    text = tmp_path / "t.txt"
+    text.write_text("A dog finds the long road after dinner.\n")
+    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices="]
+    lines = run_eval(argv, capsys).strip().splitlines()
+    final = json.loads(lines[-1])
+    assert [r["checkpoint"] for r in final["compare"]] == [ckpt, second]
+    header = next(i for i, line in enumerate(lines) if line.startswith("metric"))
+    assert ckpt in lines[header] and second in lines[header]
+    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1 : -1]}
+    assert set(table) == {"val_loss", "val_ppl", "val_bpb"}
+    assert float(table["val_loss"][0]) == pytest.approx(final["compare"][0]["val_loss"], abs=1e-4)
+
+
+def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path, tiny_data_dir, capsys):
+    bad_shards = tmp_path / "data"
+    bad_shards.mkdir()
+    for name in ("meta.json", "val_000.bin"):
+        data = open(os.path.join(tiny_data_dir, name), "rb").read()
+        (bad_shards / name).write_bytes(data[:-7] if name.endswith(".bin") else data)
+    cases = [
+        [f"checkpoint={tmp_path / 'nope'}", "tasks=", "choices="],
+        [f"checkpoint={ckpt}", f"data={bad_shards}", "tasks=", "choices="],  # truncated shard
+        [f"checkpoint={ckpt}", "data=", f"tasks={tiny_data_dir}/sft_train.jsonl", "choices="],  # wrong keys
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as e:
+            run_cli(ev.main, ev.EvalConfig, argv=argv, show_config=False)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
