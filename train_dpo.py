@@ -259,6 +259,7 @@ class DPOConfig(tc.TrainConfig):
     beta: float = 0.1  # strength of the KL pull toward the reference (the reward is beta * log-ratio)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
     label_smoothing: float = 0.0  # assumed label-flip probability: conservative DPO (sigmoid) or robust DPO
+    rpo_alpha: float = 0.0  # weight of an extra NLL loss on the chosen completions (RPO; 0 = plain DPO)
     ref: str = "auto"  # reference: auto (adapters_off for (q)lora, copy for full) | adapters_off | copy | precompute
     finetune: str = "lora"  # full | lora | qlora
     lora_targets: list[str] = field(
@@ -307,6 +308,8 @@ class DPOConfig(tc.TrainConfig):
             errors.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not '{self.loss_type}'")
         if not 0.0 <= self.label_smoothing < 0.5:
             errors.append("label_smoothing must be in [0, 0.5)")
+        if self.rpo_alpha < 0:
+            errors.append("rpo_alpha must be >= 0")
         if self.ref not in ("auto", "adapters_off", "copy", "precompute"):
             errors.append(f"ref must be auto, adapters_off, copy or precompute, not '{self.ref}'")
         if self.ref == "adapters_off" and self.finetune == "full":
@@ -415,6 +418,12 @@ def main(cfg: DPOConfig) -> None:
                 losses, rew_c, rew_r = dpo_loss(
                     pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing
                 )
+                if cfg.rpo_alpha:
+                    # RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): DPO can lower the
+                    # likelihood of both answers and hand the freed mass to tokens neither contains; a per-token
+                    # NLL on the chosen answer keeps it likely.
+                    n_chosen = (y[: len(idx)] != -1).sum(dim=-1).clamp(min=1)  # (B,) completion tokens
+                    losses = losses + cfg.rpo_alpha * (-pol_c / n_chosen)
                 # Each micro-batch holds the same number of pairs: the mean over one, divided by accum,
                 # sums to the mean over the whole step (DDP then averages the ranks).
                 run.scaler.scale((losses.mean() + aux) / run.accum).backward()

@@ -1,0 +1,257 @@
+"""train_dpo.py: the loss variants against hand-computed values and a direct gradient formula, completion
+log-probs against a manual sum, the adapters-off reference against the base model, data handling, exact
+resume, and a short run on the built-in pairs that learns the preferences without hurting task accuracy.
+
+Runs use the micro model (tests/fixtures/model_micro.yaml) and the synthetic data prepared once by the
+`tiny_data_dir` fixture; the "SFT model" DPO starts from is made here with train_sft.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import MICRO_MODEL
+from safetensors.torch import load_file
+
+import lora
+import train_dpo
+import train_sft
+from config import UserError, load_yaml, parse_args
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+from train_dpo import completion_logps, dpo_loss, make_batch, reference_logps, tokenize_pair
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_loss_is_ln2_when_policy_equals_reference():
+    logps = torch.randn(6) * 5
+    other = torch.randn(6) * 5
+    for loss_type, ls in [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2)]:
+        losses, rc, rr = dpo_loss(logps, other, logps, other, beta=0.3, loss_type=loss_type, label_smoothing=ls)
+        torch.testing.assert_close(losses, torch.full((6,), math.log(2)), rtol=1e-6, atol=1e-6)
+        assert torch.equal(rc, torch.zeros(6)) and torch.equal(rr, torch.zeros(6))
+
+
+def test_known_values_for_beta_0_1_and_h_2():
+    # h = (pc - rc) - (pr - rr) = (1.5 - 0.5) - (-2 - (-1)) = 2
+    pc, pr, rc, rr = torch.tensor([1.5]), torch.tensor([-2.0]), torch.tensor([0.5]), torch.tensor([-1.0])
+
+    def loss(loss_type, ls=0.0):
+        return dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=ls)[0].item()
+
+    assert loss("sigmoid") == pytest.approx(0.598139, abs=1e-6)  # log(1 + exp(-0.2))
+    assert loss("sigmoid", 0.1) == pytest.approx(0.618139, abs=1e-6)  # 0.9 * 0.598139 + 0.1 * 0.798139
+    assert loss("hinge") == pytest.approx(0.8, abs=1e-6)  # relu(1 - 0.2)
+    assert loss("robust", 0.1) == pytest.approx(0.573139, abs=1e-6)  # (0.9 * 0.598139 - 0.1 * 0.798139) / 0.8
+    assert loss("ipo") == pytest.approx((2 - 1 / (2 * 0.1)) ** 2, abs=1e-5)  # (h - 1/(2 beta))^2 = 9
+    _, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert chosen.item() == pytest.approx(0.1) and rejected.item() == pytest.approx(-0.1)  # beta * log-ratio
+
+
+def test_gradients_match_the_direct_formula():
+    """d loss / d policy_chosen = dL/dh, d loss / d policy_rejected = -dL/dh, with dL/dh written out by hand."""
+    torch.manual_seed(0)
+    beta, eps = 0.5, 0.15
+    ref_c, ref_r = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    base_c, base_r = torch.randn(16, dtype=torch.float64) * 3, torch.randn(16, dtype=torch.float64) * 3
+    h = (base_c - ref_c) - (base_r - ref_r)
+    s = torch.sigmoid
+    direct = {  # dL/dh
+        ("sigmoid", 0.0): -beta * s(-beta * h),
+        ("sigmoid", eps): -(1 - eps) * beta * s(-beta * h) + eps * beta * s(beta * h),
+        ("robust", eps): (-(1 - eps) * beta * s(-beta * h) - eps * beta * s(beta * h)) / (1 - 2 * eps),
+        ("hinge", 0.0): -beta * (beta * h < 1).double(),
+        ("ipo", 0.0): 2 * (h - 1 / (2 * beta)),
+    }
+    for (loss_type, ls), dl_dh in direct.items():
+        pc, pr = base_c.clone().requires_grad_(), base_r.clone().requires_grad_()
+        losses, _, _ = dpo_loss(pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=ls)
+        losses.sum().backward()
+        torch.testing.assert_close(pc.grad, dl_dh, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pr.grad, -dl_dh, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_loss_arguments_are_value_errors():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(x, x, x, x, loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, label_smoothing=0.5)
+
+
+# ----------------------------------------------------------------------------- log-probs and the reference
+
+
+def micro_model(seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**load_yaml(MICRO_MODEL)))
+    model.init_weights()
+    return model
+
+
+PAIRS = [
+    ("len('abc') = ?", "3", "4"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sorted([3, 1])[0] = ?"}], "1", "31"),
+    ("'e' in 'seal' = ?", "True", "False"),
+]
+
+
+def test_completion_logps_equal_a_manual_sum(tiny_data_dir):
+    tok = Tokenizer(tiny_data_dir)
+    model = micro_model().eval()
+    pairs = [tokenize_pair(tok, p, c, r, seq_len=64) for p, c, r in PAIRS]
+    for (prompt, chosen, _), (p, c, _) in zip(PAIRS, pairs, strict=True):  # the boundary is render_chat's, exactly
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        assert p + c == tok.render_chat(messages + [{"role": "assistant", "content": chosen}])[0]
+        assert p.count(tok.bos_id) == 1 and c[-1] == tok.special_id("<|end|>")
+    x, y = make_batch(pairs, tok.pad_id)
+    assert x.shape[0] == 2 * len(pairs)
+    with torch.no_grad():
+        got = completion_logps(model, (x, y))  # (2B,), right-padded batch, one forward
+        for i, (p, c, r) in enumerate(pairs):
+            for row, completion in ((i, c), (len(pairs) + i, r)):
+                seq = torch.tensor([p + completion])  # this sequence alone, no padding
+                logp = torch.log_softmax(model(seq)[0].double(), dim=-1)  # (T, V)
+                manual = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(completion))
+                torch.testing.assert_close(got[row].double(), manual, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_off_reference_equals_the_base_model_exactly(tiny_data_dir):
+    tok = Tokenizer(tiny_data_dir)
+    base = micro_model()
+    policy = lora.apply_lora(micro_model(), r=4, alpha=8)
+    with torch.no_grad():
+        for m in lora.lora_layers(policy).values():
+            m.lora_B.weight.normal_()  # a trained adapter: the policy now differs from the base
+    x, y = make_batch([tokenize_pair(tok, p, c, r, 64) for p, c, r in PAIRS], tok.pad_id)
+    with torch.no_grad():
+        assert not torch.equal(policy(x), base(x))
+        with lora.disable_adapters(policy):
+            assert torch.equal(policy(x), base(x))  # bit-identical logits
+        assert torch.equal(reference_logps(policy, None, (x, y)), completion_logps(base.eval(), (x, y)))
+    assert all(not m.disabled for m in lora.lora_layers(policy).values())  # adapters back on after the block
+
+
+def test_truncation_keeps_the_completion(tiny_data_dir):
+    tok = Tokenizer(tiny_data_dir)
+    prompt = "the cat sees the red ball every morning " * 20 + "len('abc') = ?"
+    p_full, c_full = tok.render_prompt_completion(prompt, "3")
+    p, c, r = tokenize_pair(tok, prompt, "3", "4", seq_len=32)
+    assert c == c_full and len(p) + max(len(c), len(r)) == 33  # seq_len inputs + 1
+    assert p[0] == tok.bos_id and p[1:] == p_full[len(p_full) - len(p) + 1 :]  # BOS, then the prompt's end
+
+
+def test_pair_formats_and_one_line_errors(tmp_path):
+    conv = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}  # fmt: skip
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, conv]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    user_q = [{"role": "user", "content": "q"}]
+    assert train_dpo.read_pairs(str(path)) == [(user_q, "a", "b"), (user_q, "a", "b")]
+    same = {**conv, "rejected": conv["chosen"]}
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n" + json.dumps(same) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path} line 4: chosen and rejected are identical$"):
+        train_dpo.read_pairs(str(path))
+    split = {**conv, "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(ValueError, match="line 1: chosen and rejected conversations differ"):
+        train_dpo.to_pair(split, "x line 1")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_data_dir, tmp_path_factory):
+    """A micro model after a short full SFT on the built-in tasks: the starting point and reference for DPO."""
+    root = tmp_path_factory.mktemp("dpo_start")
+    micro_model().save_pretrained(str(root / "base"), tokenizer_dir=tiny_data_dir)
+    args = dict(
+        base=root / "base", out_dir=root / "sft", data=f"{tiny_data_dir}/sft_train.jsonl", val_data="",
+        eval_tasks="", finetune="full", steps=500, batch_size=16, micro_batch_size=16, seq_len=64, lr=3e-3,
+        min_lr=3e-4, warmup_steps=5, eval_every=0, save_every=500, progress=False, device="cpu", seed=0,
+    )  # fmt: skip
+    train_sft.main(parse_args(train_sft.SFTConfig, [f"{k}={v}" for k, v in args.items()]))
+    return str(root / "sft")
+
+
+def dpo_args(data_dir, base, out_dir, **kw):
+    args = dict(
+        base=base, out_dir=out_dir, data=f"{data_dir}/dpo_train.jsonl", eval_tasks=f"{data_dir}/test.jsonl",
+        eval_tasks_n=100, steps=6, batch_size=16, micro_batch_size=8, seq_len=64, lr=3e-3, min_lr=1e-4,
+        warmup_steps=2, eval_every=0, log_every=1, save_every=100, progress=False, device="cpu", seed=0,
+    )  # fmt: skip
+    args.update(kw)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_dpo(argv):
+    train_dpo.main(parse_args(train_dpo.DPOConfig, argv))
+
+
+def log_rows(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def test_short_run_learns_the_preferences_and_keeps_task_accuracy(tiny_data_dir, sft_dir, tmp_path):
+    """LoRA DPO (adapters-off reference) on 64 built-in pairs seen for 15 epochs: the policy comes to prefer
+    the chosen answers (reward accuracy and margin rise from exactly 0: the first step's policy IS the
+    reference) while greedy accuracy on the held-out tasks stays at least the SFT model's."""
+    out = str(tmp_path / "dpo")
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, out, steps=30, batch_size=32, micro_batch_size=16, max_examples=64,
+                     warmup_steps=3, rpo_alpha=1.0, eval_every=30))  # fmt: skip
+    rows = log_rows(out)
+    train = [r for r in rows if "rewards/accuracy" in r]
+    assert train[0]["rewards/accuracy"] == 0.0 and train[0]["rewards/margin"] == 0.0  # policy == reference
+    last = train[-5:]
+    assert sum(r["rewards/accuracy"] for r in last) / 5 > 0.75
+    assert sum(r["rewards/margin"] for r in last) / 5 > 0.1
+    assert all(r["rewards/margin"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"]) for r in train)
+    acc = [r["task_acc"] for r in rows if "task_acc" in r]
+    assert [r["step"] for r in rows if "task_acc" in r] == [0, 30]
+    assert acc[-1] >= acc[0]  # held-out accuracy does not fall below the SFT model's
+    for name in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.model", "merged/model.safetensors"]:
+        assert os.path.isfile(os.path.join(out, name)), name
+    # The adapter dir loads as base + adapter and equals the merged checkpoint.
+    x = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        merged, adapted = Transformer.from_pretrained(f"{out}/merged"), Transformer.from_pretrained(out)
+        # fp32: merging rounds W + s B A once, the unmerged path adds the two products: ~1e-5 apart
+        torch.testing.assert_close(adapted(x), merged(x), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_resume_and_precomputed_reference(tiny_data_dir, sft_dir, tmp_path):
+    """6 steps straight == 3 steps, stop, resume to 6 (bit-identical log and adapter), for the precomputed
+    reference; and full fine-tuning with a frozen copy starts from the same first-step loss (ln 2)."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, straight, ref="precompute", lora_dropout=0.1, max_examples=128))
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, split, ref="precompute", lora_dropout=0.1, max_examples=128,
+                     stop_after_steps=3))  # fmt: skip
+    assert not os.path.exists(os.path.join(split, "adapter_model.safetensors"))
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, split, ref="precompute", lora_dropout=0.1, max_examples=128))
+
+    def losses(out):
+        return [(r["step"], r["loss"], r["rewards/margin"]) for r in log_rows(out) if "loss" in r]
+
+    assert losses(straight) == losses(split) and len(losses(split)) == 6
+    a, b = load_file(f"{straight}/adapter_model.safetensors"), load_file(f"{split}/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full = str(tmp_path / "full")
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, full, finetune="full", steps=2, lr=1e-4, eval_tasks=""))
+    first = [r for r in log_rows(full) if "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/accuracy"] == 0.0
+    assert os.path.isfile(os.path.join(full, "model.safetensors"))
+
+
+def test_identical_pair_stops_with_file_and_line(tiny_data_dir, sft_dir, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a", "rejected": "a"}\n'
+    )
+    with pytest.raises(UserError, match=rf"^{path} line 2: chosen and rejected are identical$"):
+        run_dpo(dpo_args(tiny_data_dir, sft_dir, str(tmp_path / "o"), data=str(path)))
+    with pytest.raises(Exception, match="ref=adapters_off needs finetune=lora"):
+        parse_args(train_dpo.DPOConfig, dpo_args(tiny_data_dir, sft_dir, "o", ref="adapters_off", finetune="full"))
