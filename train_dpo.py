@@ -1,9 +1,11 @@
 """Direct Preference Optimization (DPO): learn from (prompt, chosen, rejected) pairs, one readable loop.
 
     python prepare_data.py configs/data_builtin.yaml        # built-in tasks, incl. data/builtin/dpo_train.jsonl
-    python train_sft.py configs/sft_tiny.yaml               # the SFT model DPO starts from (out/sft)
+    python train_sft.py configs/sft_tiny.yaml               # the SFT model DPO starts from (out/sft/merged)
     python train_dpo.py configs/dpo_tiny.yaml               # LoRA DPO on the built-in pairs, ~2 minutes on CPU
-    torchrun --nproc_per_node 8 train_dpo.py init_from=out/sft_big lora=false ref=precompute lr=5e-7
+    python train_dpo.py configs/dpo_tiny.yaml loss_type=ipo ref=precompute out_dir=out/dpo_ipo
+    torchrun --nproc_per_node 8 train_dpo.py base=out/sft_big finetune=full ref=precompute lr=5e-7 \
+        data=HuggingFaceH4/ultrafeedback_binarized data_split=train_prefs
 
 The idea (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
 Reward Model"). The RLHF objective max E[r(x, y)] - beta KL(pi || pi_ref) is maximized by
@@ -29,6 +31,10 @@ Key choices:
 - Tokenization goes through tokenizer.render_prompt_completion, so the prompt/completion boundary is exact
   (no piece merges across it, BOS once). Too long: the prompt is cut from the left (BOS kept), because the
   completion is what is scored.
+- `rpo_alpha` > 0 adds an NLL term on the chosen answer (RPO, Pang et al. 2024). Plain DPO may lower the
+  likelihood of both answers; on tiny models that breaks the answer format, and the demo recipe uses it.
+- Data loading, batching (right padding) and the resumable sampler are train_sft's; the checkpoint files
+  (adapter or full, plus OUT/merged for LoRA) are train_common's, the same as SFT writes.
 
 Checkpoints, resume, logging, signals and the non-finite-step guard are train_common.Run's, as in
 train_pretrain.py. Every `eval_every` steps greedy exact-match accuracy on the held-out built-in tasks is
