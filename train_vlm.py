@@ -1,0 +1,292 @@
+"""Vision-language training in LLaVA's two stages (Liu et al. 2023, "Visual Instruction Tuning").
+
+    python train_vlm.py configs/vlm_tiny.yaml                  # built-in shapes, both stages, a few CPU minutes
+    python train_vlm.py configs/vlm_tiny.yaml lm=out/pretrain  # start from the pretrained tiny LM
+    python train_vlm.py configs/vlm_tiny.yaml train_lm=lora    # stage 2 with LoRA adapters on the LM
+
+Stage 1, alignment (OUT/stage1): caption pairs, "<image>Describe the image." -> "two red squares". The
+language model is frozen, so its weights leave stage 1 bit for bit as they came in; the projector learns
+to write image features the frozen LM can read. LLaVA freezes a pretrained CLIP encoder here too; our
+vision tower starts from random weights, so by default it learns in stage 1 with the projector
+(`stage1_train_vision`).
+Stage 2, instruction tuning (OUT): question/answer turns, loss on the answer tokens only. The language
+model trains in full (`train_lm=full`), through LoRA adapters (`train_lm=lora`, adapter files whose base
+is OUT/stage1), or stays frozen (`train_lm=frozen`).
+
+Each stage is one train_common.Run with the loop of train_pretrain.py: checkpoints, exact resume (the
+data position is saved), log.jsonl, SIGTERM saves, non-finite steps skipped. Stage 1's settings are the
+`stage1_*` keys; stage 2 uses the usual ones (steps, lr, ...). A finished stage 1 is not run again.
+Held-out VQA accuracy (greedy exact match, vlm.vqa_accuracy) is logged every eval_every steps of stage 2
+as `vqa_acc`; stage 1 logs exact-match caption accuracy as `caption_acc`.
+
+Data (caption_data / qa_data / test_data): `builtin` (vlm_data.py's synthetic scenes, made in memory),
+a folder written by `python vlm_data.py`, a LLaVA-style json next to its images, or `hf:NAME[:SPLIT]`
+(a `datasets` image dataset with hf_image_column / hf_text_column).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import lora
+import train_common as tc
+import vlm_data
+from config import UserError, load_yaml, run_cli
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
+
+
+@dataclass
+class VLMTrainConfig(tc.TrainConfig):
+    out_dir: str = "out/vlm"  # stage 1 writes OUT/stage1, stage 2 (the final VLM) writes OUT
+    stage: str = "both"  # 1 | 2 | both; stage 2 starts from OUT/stage1 when it exists, else from a fresh projector
+    seq_len: int = 64  # longest conversation in tokens, image slots included (longer ones are cut)
+    # ---- models ----
+    lm: str = ""  # language-model checkpoint dir (e.g. out/pretrain); "" = a fresh LM from lm_preset
+    lm_preset: str = "tiny"  # model preset in configs/model/ or a model YAML, for a fresh LM
+    tokenizer_dir: str = "data/builtin"  # tokenizer for a fresh LM (a checkpoint dir brings its own)
+    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton, for the LM and vision tower
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower's shape
+    # ---- stage 1: alignment on captions, LM frozen ----
+    stage1_steps: int = 200  # optimizer steps of stage 1
+    stage1_lr: float = 1e-3  # peak LR of stage 1 (min LR is a tenth of it)
+    stage1_train_vision: bool = True  # train the vision tower with the projector (it starts random)
+    # ---- stage 2: instruction tuning ----
+    train_lm: str = "full"  # full | lora | frozen: how the language model trains in stage 2
+    stage2_train_vision: bool = True  # keep training the vision tower in stage 2
+    lora_r: int = 8  # LoRA rank (train_lm=lora)
+    lora_alpha: int = 16  # LoRA alpha (train_lm=lora)
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # LM Linear layers that get LoRA adapters
+    # ---- data ----
+    caption_data: str = "builtin"  # stage 1: builtin | vlm_data.py folder | LLaVA json | hf:NAME[:SPLIT]
+    qa_data: str = "builtin"  # stage 2: builtin | vlm_data.py folder | LLaVA json | hf:NAME[:SPLIT]
+    test_data: str = "builtin"  # held-out VQA rows with answers: builtin | folder | json | "" (no VQA eval)
+    n_caption: int = 4000  # built-in caption rows
+    n_train: int = 4000  # built-in question/answer rows
+    n_test: int = 200  # built-in held-out rows (VQA and captions)
+    families: list[str] = field(default_factory=lambda: list(vlm_data.FAMILIES))  # built-in question families
+    data_seed: int = 0  # seed of the built-in scene generator
+    hf_image_column: str = "image"  # image column of an hf: dataset
+    hf_text_column: str = "caption"  # text column of an hf: dataset (the assistant's answer)
+    max_new_tokens: int = 12  # answer length limit in VQA / caption evaluation
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.stage not in ("1", "2", "both"):
+            errors.append(f"stage must be 1, 2 or both, not '{self.stage}'")
+        if self.train_lm not in ("full", "lora", "frozen"):
+            errors.append(f"train_lm must be full, lora or frozen, not '{self.train_lm}'")
+        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
+            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        if self.parallel not in ("none", "ddp", "torch_ddp"):
+            errors.append("parallel must be none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
+        if self.stage1_steps <= 0 or self.stage1_lr <= 0:
+            errors.append("stage1_steps and stage1_lr must be > 0")
+        if self.lm and not os.path.isdir(self.lm):
+            errors.append(f"lm: no checkpoint directory at '{self.lm}'")
+        if not self.lm and not os.path.isfile(os.path.join(self.tokenizer_dir, "tokenizer.model")):
+            errors.append(f"tokenizer_dir: no tokenizer.model in '{self.tokenizer_dir}' (run: python prepare_data.py)")
+        bad = [f for f in self.families if f not in vlm_data.FAMILIES]
+        if bad or not self.families:
+            errors.append(f"families must be among {list(vlm_data.FAMILIES)}, got {self.families}")
+        return errors
+
+
+def stage_config(cfg: VLMTrainConfig, stage: int) -> VLMTrainConfig:
+    """The settings one Run sees: stage 1 gets its own out_dir, steps and LR; stage 2 uses the top-level ones."""
+    c = copy.deepcopy(cfg)
+    if stage == 1:
+        c.out_dir, c.steps, c.lr = os.path.join(cfg.out_dir, "stage1"), cfg.stage1_steps, cfg.stage1_lr
+        c.min_lr, c.warmup_steps = cfg.stage1_lr / 10, min(cfg.warmup_steps, cfg.stage1_steps)
+        c.resume = cfg.resume if cfg.resume in ("auto", "never") else "auto"  # a PATH names a stage-2 checkpoint
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data and model
+# ---------------------------------------------------------------------------------------------------------------------
+def load_rows(cfg: VLMTrainConfig, spec: str, kind: str, split: str):
+    """Examples for one purpose: kind "caption" | "qa", split "train" | "test" (see the module docstring)."""
+    if spec == "builtin":
+        n = {"caption": cfg.n_caption, "qa": cfg.n_train}[kind] if split == "train" else cfg.n_test
+        fam = tuple(cfg.families)
+        return vlm_data.make_examples(n, kind, split, cfg.data_seed, cfg.vision.image_size, fam)
+    if spec.startswith("hf:"):
+        name, _, hf_split = spec[3:].partition(":")
+        return vlm_data.load_hub_dataset(name, hf_split or split, cfg.hf_image_column, cfg.hf_text_column)
+    if os.path.isdir(spec):  # a folder written by vlm_data.py
+        spec = os.path.join(
+            spec, {"caption": "captions.json", "qa": "train.json"}[kind] if split == "train" else "test.json"
+        )
+    if not os.path.isfile(spec):
+        raise UserError(f"data: no file or folder at '{spec}'")
+    return vlm_data.load_llava_json(spec)
+
+
+def fresh_language_model(cfg: VLMTrainConfig, vocab_size: int, attn_impl: str) -> Transformer:
+    try:
+        if cfg.lm_preset.endswith((".yaml", ".yml")):
+            mcfg = ModelConfig(**load_yaml(cfg.lm_preset))
+        else:
+            mcfg = ModelConfig.from_preset(cfg.lm_preset)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"lm_preset: {e}") from None
+    mcfg.vocab_size = max(mcfg.vocab_size, vocab_size)
+    mcfg.attn_impl = attn_impl
+    return Transformer(mcfg)
+
+
+def build_model(cfg: VLMTrainConfig, stage: int, tokenizer: Tokenizer, attn_impl: str, device) -> tuple[VLM, str]:
+    """(the VLM at the start of this stage, the dir holding its language model's weights on disk or "")."""
+    stage1_dir = os.path.join(cfg.out_dir, "stage1")
+    if stage == 2 and is_vlm_checkpoint(stage1_dir):
+        return VLM.from_pretrained(stage1_dir, device=device, attn_impl=attn_impl), stage1_dir
+    torch.manual_seed(cfg.seed)  # the same fresh weights on every rank
+    if cfg.lm:
+        lm = Transformer.from_pretrained(cfg.lm, device=device, attn_impl=attn_impl)
+    else:
+        lm = fresh_language_model(cfg, tokenizer.vocab_size, attn_impl)
+    if lm.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"lm: model vocab {lm.config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
+    vision = copy.deepcopy(cfg.vision)
+    vision.attn_impl = attn_impl
+    return VLM(vision, lm, tokenizer.pad_id).to(device), cfg.lm
+
+
+def set_trainable(model: VLM, cfg: VLMTrainConfig, stage: int, lm_dir: str) -> None:
+    """requires_grad per part for this stage; LoRA layers are added here (before Run.prepare builds AdamW)."""
+    lm = model.language_model
+    lm.requires_grad_(stage == 2 and cfg.train_lm == "full")
+    if stage == 2 and cfg.train_lm == "lora":
+        if not lm_dir:
+            raise UserError("train_lm=lora needs the base LM on disk: run stage 1 first or set lm=DIR")
+        lora.apply_lora(lm, tuple(cfg.lora_targets), r=cfg.lora_r, alpha=cfg.lora_alpha)
+    model.vision_tower.requires_grad_(cfg.stage1_train_vision if stage == 1 else cfg.stage2_train_vision)
+    model.projector.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one stage
+# ---------------------------------------------------------------------------------------------------------------------
+def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
+    """Train one stage to its last step (or until a stop request). Returns True when the stage is complete."""
+    scfg = stage_config(cfg, stage)
+    run = tc.Run(scfg, f"vlm-stage{stage}")
+    device = run.device
+    attn_impl = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+
+    # ---- data ----
+    tok_dir = cfg.lm or cfg.tokenizer_dir
+    if stage == 2 and is_vlm_checkpoint(os.path.join(cfg.out_dir, "stage1")):
+        tok_dir = os.path.join(cfg.out_dir, "stage1")  # the tokenizer files travel with every checkpoint
+    tokenizer = Tokenizer(tok_dir)
+    kind = "caption" if stage == 1 else "qa"
+    train_rows = load_rows(cfg, cfg.caption_data if stage == 1 else cfg.qa_data, kind, "train")
+    if stage == 1 and cfg.caption_data == "builtin":
+        test_rows = vlm_data.make_examples(cfg.n_test, "caption", "test", cfg.data_seed, cfg.vision.image_size)
+    else:
+        test_rows = load_rows(cfg, cfg.test_data, "qa", "test") if stage == 2 and cfg.test_data else []
+    stream = vlm_data.ExampleStream(len(train_rows), cfg.micro_batch_size, cfg.seed, run.rank, run.world_size)
+
+    # ---- model ----
+    raw_model, lm_dir = build_model(cfg, stage, tokenizer, attn_impl, device)
+    set_trainable(raw_model, cfg, stage, lm_dir)
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in raw_model.parameters())
+    run.print(f"stage {stage}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
+              f"{raw_model.num_image_tokens} image tokens per image; {len(train_rows)} training rows")  # fmt: skip
+    model, optimizer = run.prepare(raw_model)
+    lora_base = os.path.abspath(lm_dir) if lm_dir else None
+
+    def load_weights(ckpt: str) -> None:
+        if lora.lora_layers(raw_model.language_model):
+            lora.load_adapter(raw_model.language_model, ckpt)
+        else:
+            raw_model.language_model.load_state_dict(Transformer.from_pretrained(ckpt, device=device).state_dict())
+        raw_model.load_vision_weights(ckpt)
+
+    def write_weights(path: str) -> None:
+        raw_model.save_pretrained(path, tokenizer_dir=tok_dir, lora_base=lora_base)
+
+    def evaluate(step: int) -> None:
+        if not test_rows:
+            return
+        with run.autocast:
+            result = vqa_accuracy(raw_model, tokenizer, test_rows, max_new_tokens=cfg.max_new_tokens)
+        name = "caption_acc" if stage == 1 else "vqa_acc"
+        record = {"step": step, name: result["accuracy"]}
+        if stage == 2:
+            record.update({f"vqa/{f}": acc for f, acc in result["by_family"].items()})
+        run.log(record)
+        run.print(f"stage {stage} step {step}: {name} {result['accuracy']:.3f} on {result['n']} held-out rows")
+
+    # ---- training loop ----
+    step = run.resume(load_weights, data=stream)
+    while step < scfg.steps:
+        lr = tc.lr_at(step, scfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for micro in range(run.accum):
+            x, y, pixels = collate(
+                [train_rows[i] for i in stream.next_indices()], tokenizer, raw_model.vision_tower.config, cfg.seq_len
+            )
+            x, y, pixels = x.to(device), y.to(device), pixels.to(device)
+            tokens += x.numel()
+            with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
+                with run.autocast:
+                    loss = model(x, pixels, y)
+                # Divide by accum: the gradients of `accum` micro-batches then sum to the mean over the batch.
+                run.scaler.scale(loss / run.accum).backward()
+            loss_sum += loss.detach()
+        loss_mean = tc.all_reduce_mean(loss_sum / run.accum)
+        applied = run.optimizer_step(step, loss_mean)
+        step += 1
+        if run.progress is not None:
+            run.progress.update(1)
+        if not applied:
+            continue
+
+        # ---- logging, eval, checkpoints ----
+        done = step == scfg.steps
+        if step % cfg.log_every == 0 or done:
+            img_per_s = run.throughput(step, cfg.batch_size)
+            record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": tokens * run.world_size,
+                      "img_per_s": img_per_s, "tok_per_s": img_per_s * tokens * run.world_size / cfg.batch_size,
+                      "grad_norm": run.last_grad_norm.item(), "stage": stage}  # fmt: skip
+            run.log(record)
+            if run.progress is not None:
+                run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
+        if run.master and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
+            evaluate(step)
+        stopping = run.should_stop(step)
+        if step % cfg.save_every == 0 or done or stopping:
+            run.save(step, write_weights, data=stream)
+        if stopping:
+            break
+
+    # ---- finish ----
+    run.finish(step, f"vlm stage {stage}")
+    return step >= scfg.steps
+
+
+def main(cfg: VLMTrainConfig) -> None:
+    if cfg.stage == "both" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Run.finish leaves the process group; rejoining it in the same torchrun process is not supported.
+        raise UserError("under torchrun run the stages one by one: stage=1, then stage=2")
+    if cfg.stage in ("1", "both") and not run_stage(cfg, 1):
+        return  # stopped early (signal or stop_after_steps): resume=auto continues stage 1
+    if cfg.stage in ("2", "both"):
+        run_stage(cfg, 2)
+
+
+if __name__ == "__main__":
+    run_cli(main, VLMTrainConfig, __doc__)
