@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def bench_accuracy() -> None:
     print(f"held-out task accuracy (300 tasks, greedy exact match): SFT {acc[0]:.3f} -> DPO {acc[-1]:.3f}")
     print(f"reward accuracy {train[0]['rewards/accuracy']:.2f} -> {train[-1]['rewards/accuracy']:.2f}, "
           f"margin {train[0]['rewards/margin']:.3f} -> {train[-1]['rewards/margin']:.3f}")  # fmt: skip
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
