@@ -612,7 +612,8 @@ class Run:
             self.bad_steps_total = state.get("bad_steps_total", 0)
             self.print(f"resumed from {ckpt} at step {self.start_step}")
         self.logger = RunLogger(cfg, enabled=self.master, run_id=run_id)
-        self.logger.truncate_after(self.start_step)
+        # On resume drop what was logged after the checkpoint; a fresh start begins a fresh log.
+        self.logger.truncate_after(self.start_step if ckpt is not None else -1)
         if self.master and cfg.progress:
             from tqdm import tqdm
 
