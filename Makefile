@@ -1,21 +1,52 @@
-# The two commands a user needs:  `make demo` (the whole pipeline on built-in data) and `make test`.
+# The two commands a user needs:  `make demo` (the whole life cycle on built-in data) and `make test`.
+# Every stage is also a target of its own; each leaves a marker (meta.json / DONE), so a rerun skips what
+# is finished and an interrupted stage resumes from its last checkpoint. FORCE=1 redoes every stage.
 PY ?= python3
 PIP ?= $(PY) -m pip
-# Test workers: pytest-xdist spreads test files over the cores; each worker uses one thread.
-WORKERS ?= 2
+WORKERS ?= 2          # pytest-xdist workers; each uses one thread
+FORCE ?=
+_force := $(if $(FORCE),FORCE,)
 
-.PHONY: setup setup-test demo data test lint gpu-check clean
+DATA     := data/builtin/meta.json
+PRETRAIN := out/pretrain/DONE
+SFT      := out/sft/DONE
+DPO      := out/dpo/DONE
 
-setup:            ## install the pinned runtime dependencies (CPU torch on these machines)
+.PHONY: setup setup-test demo data pretrain sft dpo eval samples test lint gpu-check demo-vlm clean FORCE
+
+setup:            ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
 
 setup-test:       ## runtime + test-only references (transformers, peft) and the test runner
 	$(PIP) install -q -r requirements-test.txt
 
-data: setup       ## built-in offline corpus -> tokenizer -> token shards, plus the built-in tasks
-	$(PY) prepare_data.py configs/data_builtin.yaml
+demo: setup $(DPO) eval samples   ## data -> tokenizer -> pretrain -> SFT (LoRA) -> DPO -> eval -> samples
 
-demo: data        ## the whole life cycle on the built-in data (grows with each stage)
+data: $(DATA)
+$(DATA): $(_force)
+	$(PY) prepare_data.py configs/data_builtin.yaml $(if $(FORCE),overwrite=true,)
+
+pretrain: $(PRETRAIN)
+$(PRETRAIN): $(DATA) $(_force)
+	$(PY) train_pretrain.py configs/pretrain_tiny.yaml $(if $(FORCE),resume=never,)
+
+sft: $(SFT)
+$(SFT): $(PRETRAIN) $(_force)
+	$(PY) train_sft.py configs/sft_tiny.yaml $(if $(FORCE),resume=never,)
+
+dpo: $(DPO)
+$(DPO): $(SFT) $(_force)
+	$(PY) train_dpo.py configs/dpo_tiny.yaml $(if $(FORCE),resume=never,)
+
+eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy
+	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged
+
+samples: $(DPO)   ## a few answers from each stage
+	@for ckpt in out/pretrain out/sft/merged out/dpo/merged; do \
+		echo "== $$ckpt"; \
+		printf "len('banana') = ?\nsorted([3, 1, 2]) = ?\n'abc'.upper() = ?\n" | \
+			$(PY) sample.py checkpoint=$$ckpt chat=true temperature=0 max_new_tokens=16; \
+	done
 
 test: setup-test  ## install and run the whole test suite
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile tests
@@ -28,3 +59,5 @@ gpu-check:        ## on a CUDA machine: the Triton kernel compiled for real, the
 
 clean:
 	rm -rf data out runs
+
+FORCE:
