@@ -186,7 +186,7 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
     side = min(H, W)
     top, left = (H - side) // 2, (W - side) // 2
     a = a[top : top + side, left : left + side]  # (side, side, 3)
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # (3, side, side) in [0, 1]
+    x = torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 255.0  # (3, side, side) in [0, 1]
     if side != size:
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     return (x - PIXEL_MEAN) / PIXEL_STD  # (3, S, S)
