@@ -73,7 +73,8 @@ class SFTConfig(tc.TrainConfig):
     data_split: str = "train"  # split to read when `data` is a dataset (hub or local), e.g. train_sft
     families: list[str] = field(default_factory=list)  # keep only rows with these "family" values (empty = all)
     max_examples: int = 0  # use at most this many training conversations (0 = all)
-    val_data: str = "data/builtin/sft_test.jsonl"  # conversations for the validation loss ('' = none)
+    val_data: str = "data/builtin/sft_test.jsonl"  # conversations for the validation loss, like `data` ('' = none)
+    val_split: str = "test"  # split to read when `val_data` is a dataset, e.g. test_sft
     eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for exact-match accuracy ('' = none)
     eval_tasks_n: int = 300  # task rows per accuracy pass (the first n after the family filter)
     eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
@@ -110,9 +111,10 @@ class SFTConfig(tc.TrainConfig):
             errors.append(f"base: no checkpoint directory at '{self.base}'")
         if self.tokenizer and not os.path.isdir(self.tokenizer):
             errors.append(f"tokenizer: no directory at '{self.tokenizer}'")
-        for key in ("val_data", "eval_tasks"):
-            if getattr(self, key) and not os.path.isfile(getattr(self, key)):
-                errors.append(f"{key}: no file at '{getattr(self, key)}'")
+        for key in ("data", "val_data", "eval_tasks"):
+            path = getattr(self, key)
+            if path.endswith(".jsonl") and not os.path.isfile(path):
+                errors.append(f"{key}: no file at '{path}'")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             errors.append("lora_r and lora_alpha must be > 0")
         if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
@@ -303,7 +305,8 @@ def main(cfg: SFTConfig) -> None:
         raise UserError(f"data: no conversation has an assistant token within seq_len {cfg.seq_len}")
     val = []
     if cfg.val_data:
-        val_rows = load_conversations(cfg.val_data, families=cfg.families)
+        val_rows = load_conversations(cfg.val_data, cfg.val_split, cfg.families)
+        val_rows = val_rows[: cfg.eval_batches * cfg.micro_batch_size]  # the same examples at every evaluation
         val = [render_example(tokenizer, r["messages"], cfg.seq_len) for r in val_rows]
     task_rows = []
     if cfg.eval_tasks and cfg.eval_tasks_n:
