@@ -104,7 +104,8 @@ def convert(value: Any, tp, from_cli: bool) -> Any:
     Raises ValueError with a short reason when it does not fit.
     """
     optional, tp = _is_optional(tp)
-    if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
+    # On the command line "null"/"none" mean None only for a field that may be None: parallel=none stays a string.
+    if value is None or (optional and from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise ValueError("may not be null")

@@ -64,6 +64,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPU if supported, else fp32) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model (the uncompiled weights are what gets saved)
     parallel: str = "none"  # none | ddp | fsdp | torch_ddp | torch_fsdp2 (under torchrun)
+    fsdp_mixed_precision: bool = (
+        True  # fsdp/torch_fsdp2 with dtype bf16: gather and compute in bf16, fp32 master shards
+    )
+    fsdp_prefetch: bool = True  # fsdp: start the next unit's all-gather while this one computes
+    zero2: bool = (
+        False  # fsdp: keep gathered weights from forward to backward (ZeRO-2: less communication, more memory)
+    )
     eval_every: int = 100  # steps between validation passes (0 = only at the end)
     eval_batches: int = 20  # batches per validation pass
     log_every: int = 10  # steps between log.jsonl lines
@@ -583,7 +590,12 @@ class Run:
     def prepare(self, raw_model: torch.nn.Module):
         """(wrapped model, AdamW over its trainable parameters). Order: adapters first, then wrap, then optimize."""
         self.raw_model = raw_model
-        self.model = self.du.wrap_model(raw_model, self.cfg.parallel, self.dist)
+        cfg, opts = self.cfg, {}
+        if cfg.parallel in ("fsdp", "torch_fsdp2"):
+            opts["mixed_precision"] = cfg.fsdp_mixed_precision and self.dtype == torch.bfloat16
+        if cfg.parallel == "fsdp":
+            opts.update(prefetch=cfg.fsdp_prefetch, zero2=cfg.zero2)
+        self.model = self.du.wrap_model(raw_model, cfg.parallel, self.dist, **opts)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
         torch.manual_seed(self.cfg.seed + 1000 * self.rank)
@@ -719,7 +731,7 @@ def guess_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "A10": 125e12}
         for key, flops in table.items():
             if key in name:
-                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
+                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2  # fp32 matmuls run as TF32
         return 100e12
     # CPU: cores x ~2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); only a yardstick.
     return (os.cpu_count() or 1) * 2.5e9 * 32

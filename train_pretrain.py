@@ -204,7 +204,8 @@ def main(cfg: PretrainConfig) -> None:
             run.print(
                 f"step {step}: val loss {val:.4f}" + (f", {record['val_bpb']:.3f} bits/byte" if bytes_per_token else "")
             )
-        if run.master and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
+        # Sampling needs whole weights on one rank; sharded (FSDP) weights only exist in pieces, so skip it there.
+        if run.master and not run.sharded and ((cfg.sample_every and step % cfg.sample_every == 0) or done):
             print_sample(raw_model, tokenizer, cfg, device)
         stopping = run.should_stop(step)
         if step % cfg.save_every == 0 or done or stopping:

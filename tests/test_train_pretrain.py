@@ -241,3 +241,22 @@ def test_validation_loss_falls_well_below_unigram_entropy(tiny_data_dir, tmp_pat
 def val_bytes_per_token(data_dir):
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     return meta["splits"]["val"]["text_bytes"] / meta["splits"]["val"]["tokens"]
+
+
+def test_fsdp_two_ranks_with_resume_matches_one_process(tiny_data_dir, tmp_path):
+    """torchrun, 2 ranks, our FSDP: 4 steps, exit, resume to 8 (sharded optimizer state per rank) ==
+    the same global batch in one process, within fp32 reduction-order tolerance."""
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "fsdp")
+    args = dict(steps=8, micro_batch_size=2, save_every=100)
+    run_inprocess(base_args(tiny_data_dir, single, **args))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["stop_after_steps=4"], []):
+        argv = [*launch, os.path.join(ROOT, "train_pretrain.py"), *base_args(tiny_data_dir, sharded, **args)]
+        proc = subprocess.run([*argv, "parallel=fsdp", *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = train_losses(single), train_losses(sharded)
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-5 for s in a)
+    wa, wb = final_weights(single), final_weights(sharded)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
