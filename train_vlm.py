@@ -72,6 +72,7 @@ class VLMTrainConfig(tc.TrainConfig):
     n_train: int = 4000  # built-in question/answer rows
     n_test: int = 200  # built-in held-out rows (VQA and captions)
     families: list[str] = field(default_factory=lambda: list(vlm_data.FAMILIES))  # built-in question families
+    qa_turns: int = 1  # built-in training rows ask this many questions per image (multi-turn; eval asks one)
     data_seed: int = 0  # seed of the built-in scene generator
     hf_image_column: str = "image"  # image column of an hf: dataset
     hf_text_column: str = "caption"  # text column of an hf: dataset (the assistant's answer)
@@ -87,6 +88,8 @@ class VLMTrainConfig(tc.TrainConfig):
             errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
         if self.parallel not in ("none", "ddp", "torch_ddp"):
             errors.append("parallel must be none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
+        if self.qa_turns < 1:
+            errors.append("qa_turns must be >= 1")
         if self.stage1_steps <= 0 or self.stage1_lr <= 0:
             errors.append("stage1_steps and stage1_lr must be > 0")
         if self.lm and not os.path.isdir(self.lm):
@@ -116,8 +119,8 @@ def load_rows(cfg: VLMTrainConfig, spec: str, kind: str, split: str):
     """Examples for one purpose: kind "caption" | "qa", split "train" | "test" (see the module docstring)."""
     if spec == "builtin":
         n = {"caption": cfg.n_caption, "qa": cfg.n_train}[kind] if split == "train" else cfg.n_test
-        fam = tuple(cfg.families)
-        return vlm_data.make_examples(n, kind, split, cfg.data_seed, cfg.vision.image_size, fam)
+        turns = cfg.qa_turns if split == "train" else 1
+        return vlm_data.make_examples(n, kind, split, cfg.data_seed, cfg.vision.image_size, tuple(cfg.families), turns)
     if spec.startswith("hf:"):
         name, _, hf_split = spec[3:].partition(":")
         return vlm_data.load_hub_dataset(name, hf_split or split, cfg.hf_image_column, cfg.hf_text_column)

@@ -364,14 +364,14 @@ def generate_answer(model: VLM, tokenizer, images: list, questions: list[str], m
 
 
 def vqa_accuracy(model: VLM, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 8) -> dict:
-    """Greedy exact-match accuracy on qa examples (vlm_data rows with "answer" and "family"), like
-    eval.task_accuracy: {"accuracy": float, "by_family": {family: float}, "n": int}."""
+    """Greedy exact-match accuracy on one-question examples (vlm_data rows: the first user turn is asked, "answer"
+    is the truth), like eval.task_accuracy: {"accuracy": float, "by_family": {family: float}, "n": int}."""
     from tasks import exact_match
 
     correct, by_family = [], defaultdict(list)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        questions = [r["messages"][0]["content"] for r in chunk]
+        questions = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in chunk]
         answers = generate_answer(model, tokenizer, [r["image"] for r in chunk], questions, max_new_tokens)
         for row, answer in zip(chunk, answers, strict=True):
             ok = exact_match(answer, row["answer"])
@@ -379,3 +379,25 @@ def vqa_accuracy(model: VLM, tokenizer, rows: list[dict], batch_size: int = 64, 
             by_family[row.get("family", "all")].append(ok)
     acc = sum(correct) / max(1, len(correct))
     return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
+
+
+def evaluate_checkpoint(path: str, data: str = "builtin", n: int = 200, device="cpu", batch_size: int = 64) -> dict:
+    """Exact-match accuracy of a VLM checkpoint, for eval.py in one call: held-out VQA (per family) and, on the
+    built-in set, held-out captions. data: builtin | a vlm_data.py folder (test.json) | a LLaVA json with
+    answers. Returns {"vqa_acc", "vqa_by_family", "vqa_n"[, "caption_acc"]}."""
+    import vlm_data
+    from tokenizer import Tokenizer
+
+    model = VLM.from_pretrained(path, device=device)
+    tokenizer = Tokenizer(path)
+    size = model.vision_tower.config.image_size
+    if data == "builtin":
+        rows = vlm_data.make_examples(n, "qa", "test", size=size)
+    else:
+        rows = vlm_data.load_llava_json(os.path.join(data, "test.json") if os.path.isdir(data) else data)[: n or None]
+    vqa = vqa_accuracy(model, tokenizer, rows, batch_size)
+    result = {"vqa_acc": vqa["accuracy"], "vqa_by_family": vqa["by_family"], "vqa_n": vqa["n"]}
+    if data == "builtin":
+        captions = vlm_data.make_examples(n, "caption", "test", size=size)
+        result["caption_acc"] = vqa_accuracy(model, tokenizer, captions, batch_size, max_new_tokens=16)["accuracy"]
+    return result

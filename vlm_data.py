@@ -120,14 +120,18 @@ def answer_of(attrs: dict, family: str) -> str:
 
 
 def make_examples(n: int, kind: str = "qa", split: str = "train", seed: int = 0, size: int = 32,
-                  families: tuple[str, ...] = FAMILIES) -> list[dict]:  # fmt: skip
+                  families: tuple[str, ...] = FAMILIES, turns: int = 1) -> list[dict]:  # fmt: skip
     """n built-in examples. kind "caption" (stage 1) or "qa" (stage 2 and evaluation).
 
-    split "train" and "test" draw from different random streams (the held-out set). A qa row asks one
-    question of a family chosen at random among `families` (position only for one-shape scenes).
+    split "train" and "test" draw from different random streams (the held-out set). A qa row asks `turns`
+    questions of distinct families in random order, chosen among `families` (position only for one-shape
+    scenes), as one multi-turn conversation: several answers per image for one pass of the vision tower, as
+    LLaVA's instruction data does. "answer" and "family" describe the first question (what evaluation asks).
     """
     if kind not in ("caption", "qa"):
         raise ValueError(f"kind must be 'caption' or 'qa', not {kind!r}")
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, not {turns}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     unknown = [f for f in families if f not in FAMILIES]
@@ -144,8 +148,14 @@ def make_examples(n: int, kind: str = "qa", split: str = "train", seed: int = 0,
             allowed = [f for f in families if f != "position" or attrs["count"] == 1]
             if not allowed:  # only "position" asked, but this scene has several shapes: draw another
                 continue
-            family = allowed[rng.integers(len(allowed))]
-            prompt, answer = QUESTIONS[family][rng.integers(2)], answer_of(attrs, family)
+            asked = [allowed[i] for i in rng.permutation(len(allowed))[:turns]]
+            messages = []
+            for f in asked:
+                messages += [{"role": "user", "content": QUESTIONS[f][rng.integers(2)]},
+                             {"role": "assistant", "content": answer_of(attrs, f)}]  # fmt: skip
+            messages[0]["content"] = "<image>" + messages[0]["content"]
+            rows.append({"image": image, "messages": messages, "answer": messages[1]["content"], "family": asked[0]})
+            continue
         messages = [{"role": "user", "content": "<image>" + prompt}, {"role": "assistant", "content": answer}]
         rows.append({"image": image, "messages": messages, "answer": answer, "family": family})
     return rows

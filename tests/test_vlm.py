@@ -141,13 +141,16 @@ def test_render_with_image_keeps_render_chat_layout(tok):
             vlm.render_with_image(tok, bad, N)
 
 
-def test_collate_targets_only_answers(tok):
-    rows = vlm_data.make_examples(3)
-    x, y, pixels = vlm.collate(rows, tok, vlm.VisionConfig(**VISION), max_len=64)
+@pytest.mark.parametrize("turns", [1, 3])
+def test_collate_targets_only_answers(tok, turns):
+    rows = vlm_data.make_examples(3, turns=turns)
+    x, y, pixels = vlm.collate(rows, tok, vlm.VisionConfig(**VISION), max_len=96)
     assert pixels.shape == (3, 3, 32, 32) and x.shape == y.shape
     for b, row in enumerate(rows):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert len(answers) == turns and answers[0] == row["answer"]
         learned = [int(t) for t in y[b] if t != -1]
-        assert learned == tok.encode(row["answer"]) + [tok.special_id("end")]
+        assert learned == sum((tok.encode(a) + [tok.special_id("end")] for a in answers), [])
         assert int((x[b] == tok.pad_id).sum()) == 16
 
 
