@@ -46,6 +46,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -146,10 +147,14 @@ def _local_files(pattern: str) -> tuple[str, list[str]]:
 
 
 def _check_json_lines(files: list[str]) -> None:
-    """Raise UserError at the first line of a .jsonl file that is not a JSON object."""
+    """Raise UserError at the first line of a .jsonl file that is not UTF-8 text or not a JSON object."""
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path} line {n}: not UTF-8 text") from None
                 try:
                     ok = not line.strip() or isinstance(json.loads(line), dict)
                 except json.JSONDecodeError as e:
@@ -160,6 +165,7 @@ def _check_json_lines(files: list[str]) -> None:
 
 def iter_source(cfg: DataConfig) -> Iterator[str]:
     """Raw documents from cfg.source, in a deterministic order, up to max_docs / max_mb."""
+    files: list[str] = []
     if cfg.source == "builtin":
         rows: Iterable = ({"text": _read_text(f)} for f in stdlib_files())
         field = "text"
@@ -171,7 +177,7 @@ def iter_source(cfg: DataConfig) -> Iterator[str]:
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         datasets.disable_progress_bars()
         huggingface_hub.utils.logging.set_verbosity_error()
-        field, builder, files = cfg.text_field, "", []
+        field, builder = cfg.text_field, ""
         try:
             if cfg.source.startswith("hf:"):
                 rows = datasets.load_dataset(
@@ -179,7 +185,8 @@ def iter_source(cfg: DataConfig) -> Iterator[str]:
                 )
             else:
                 builder, files = _local_files(cfg.source)
-                extra = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
+                # Text files: a stray bad byte becomes U+FFFD (counted in _build), as for the built-in source.
+                extra = {"sample_by": cfg.txt_sample_by, "encoding_errors": "replace"} if builder == "text" else {}
                 rows = datasets.load_dataset(builder, data_files=files, split="train", **extra)
                 field = "text" if builder == "text" else field
         except UserError:
@@ -195,7 +202,15 @@ def iter_source(cfg: DataConfig) -> Iterator[str]:
         if columns is not None and field not in columns:
             raise UserError(f"source '{cfg.source}' has no column '{field}' (columns: {columns}); set text_field=")
     n_bytes = 0
-    for i, row in enumerate(rows):
+    rows = iter(rows)
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:  # JSON strings with bytes that are not UTF-8 (pyarrow fails on reading them)
+            _check_json_lines([f for f in files if f.endswith(".jsonl")])  # names the file and line
+            raise UserError(f"source '{cfg.source}' row {i}: not UTF-8 text ({e.reason})") from None
         if (cfg.max_docs and i >= cfg.max_docs) or (cfg.max_mb and n_bytes >= cfg.max_mb * 1e6):
             return
         if field not in row:  # a streamed dataset has no column list up front
@@ -528,6 +543,10 @@ def _build(cfg: DataConfig, out: str) -> dict:
     docs, counts = clean(iter_source(cfg), cfg)
     removed = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("read", "kept"))
     print(f"read {counts['read']} documents; removed: {removed}; kept {counts['kept']} ({time.time() - t0:.1f}s)")
+    # Bytes that were not UTF-8 were replaced by U+FFFD on reading: kept, but counted (meta.json bad_utf8_docs).
+    bad_utf8 = sum("\ufffd" in d for d in docs)
+    if bad_utf8:
+        print(f"note: {bad_utf8} kept documents had bytes that are not UTF-8, replaced by U+FFFD")
     if not docs:
         raise UserError(f"source '{cfg.source}': no documents left after filtering (see min_chars, min_text_fraction)")
     splits = dict(zip(("train", "val"), split_train_val(docs, cfg.val_fraction, cfg.seed), strict=True))
@@ -585,6 +604,7 @@ def _build(cfg: DataConfig, out: str) -> dict:
         "eos_id": tok.eos_id,
         "dtype": np.dtype(dtype).name,
         "removed": counts,
+        "bad_utf8_docs": bad_utf8,
         "splits": stats,
         "bytes_per_token": round(bytes_per_token, 4),
         # For bits per byte of a val loss: the loss averages over every token, BOS/EOS included.
