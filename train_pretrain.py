@@ -110,8 +110,11 @@ def main(cfg: PretrainConfig) -> None:
     if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
         raise UserError(f"{cfg.data_dir}/meta.json: shards were made with a different tokenizer than tokenizer.model")
     stream_args = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, rank=run.rank, world_size=run.world_size)
-    train_data = TokenStream(cfg.data_dir, "train", seed=cfg.seed, **stream_args)
-    val_data = TokenStream(cfg.data_dir, "val", seed=cfg.seed, **stream_args)
+    try:  # a truncated or foreign shard, or too little data for one batch: one line naming the file
+        train_data = TokenStream(cfg.data_dir, "train", seed=cfg.seed, **stream_args)
+        val_data = TokenStream(cfg.data_dir, "val", seed=cfg.seed, **stream_args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     val_split = meta.get("splits", {}).get("val", {})
     # Bits per byte divides by the val split's own bytes per token: comparable across tokenizers.
     bytes_per_token = val_split["text_bytes"] / val_split["tokens"] if val_split.get("tokens") else None
@@ -119,7 +122,10 @@ def main(cfg: PretrainConfig) -> None:
     # ---- model ----
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
     if cfg.init_from:
-        raw_model = Transformer.from_pretrained(cfg.init_from, device=device)
+        try:
+            raw_model = Transformer.from_pretrained(cfg.init_from, device=device)
+        except ValueError as e:  # not a checkpoint, or truncated / corrupted weights
+            raise UserError(f"init_from: {e}") from None
         if raw_model.config.vocab_size < tokenizer.vocab_size:
             raise UserError(
                 f"init_from: model vocab {raw_model.config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}"
