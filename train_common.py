@@ -578,11 +578,8 @@ class Run:
         self.bad_in_a_row = self.bad_steps_total = 0
         self.start_step, self.last_checkpoint, self.progress, self.logger = 0, None, None, None
         self.stop = StopFlag()
-        if self.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            from config import save_config
-
-            save_config(cfg, os.path.join(cfg.out_dir, "train_config.json"))
+        # Nothing is written to out_dir yet: a run that stops on bad data or a bad checkpoint before its
+        # first step leaves an existing out_dir exactly as it was (ARCHITECTURE.md contract 1). See resume().
 
     def print(self, *args) -> None:
         self.du.print0(*args, flush=True)
@@ -623,6 +620,11 @@ class Run:
             self.start_step, run_id = state["step"], state.get("wandb_run_id")
             self.bad_steps_total = state.get("bad_steps_total", 0)
             self.print(f"resumed from {ckpt} at step {self.start_step}")
+        if self.master:  # data and model have loaded: from here on the run writes its outputs
+            from config import save_config
+
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.out_dir, "train_config.json"))
         self.logger = RunLogger(cfg, enabled=self.master, run_id=run_id)
         # On resume drop what was logged after the checkpoint; a fresh start begins a fresh log.
         self.logger.truncate_after(self.start_step if ckpt is not None else -1)
