@@ -618,6 +618,9 @@ class Run:
             if data is not None:
                 data.load_state_dict(state["data"])
             self.start_step, run_id = state["step"], state.get("wandb_run_id")
+            # A run killed after its last save but before the final export resumes at step == steps: finish()
+            # then exports this checkpoint (and writes DONE) without running a step.
+            self.last_checkpoint = ckpt
             self.bad_steps_total = state.get("bad_steps_total", 0)
             self.print(f"resumed from {ckpt} at step {self.start_step}")
         if self.master:  # data and model have loaded: from here on the run writes its outputs
