@@ -339,6 +339,8 @@ def test_two_stages_keep_lm_in_stage1_and_lift_vqa(tiny_data_dir, base_lm, tmp_p
     final = vlm.VLM.from_pretrained(out)  # the exported final model scores the same
     rows = vlm_data.make_examples(64, "qa", "test", 0, 32, ("colour",))
     assert vlm.vqa_accuracy(final, Tokenizer(out), rows)["accuracy"] == pytest.approx(acc)
+    report = vlm.evaluate_checkpoint(out, n=8)  # eval.py's one call: all families, plus captions
+    assert report["vqa_n"] == 8 and 0 <= report["vqa_acc"] <= 1 and 0 <= report["caption_acc"] <= 1
 
 
 def test_resume_equals_uninterrupted_and_lora(tiny_data_dir, base_lm, tmp_path):
