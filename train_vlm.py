@@ -232,6 +232,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
 
     # ---- training loop ----
     step = run.resume(load_weights, data=stream)
+    seen_tokens = 0  # sequence positions (image slots and padding included) fed since this process started
     while step < scfg.steps:
         lr = tc.lr_at(step, scfg)
         for group in optimizer.param_groups:
@@ -243,7 +244,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
                 [train_rows[i] for i in stream.next_indices()], tokenizer, raw_model.vision_tower.config, cfg.seq_len
             )
             x, y, pixels = x.to(device), y.to(device), pixels.to(device)
-            tokens += x.numel()
+            tokens += x.numel() * run.world_size
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
                     loss = model(x, pixels, y)
@@ -253,6 +254,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
         loss_mean = tc.all_reduce_mean(loss_sum / run.accum)
         applied = run.optimizer_step(step, loss_mean)
         step += 1
+        seen_tokens += tokens
         if run.progress is not None:
             run.progress.update(1)
         if not applied:
@@ -262,8 +264,8 @@ def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
         done = step == scfg.steps
         if step % cfg.log_every == 0 or done:
             img_per_s = run.throughput(step, cfg.batch_size)
-            record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": tokens * run.world_size,
-                      "img_per_s": img_per_s, "tok_per_s": img_per_s * tokens * run.world_size / cfg.batch_size,
+            record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": seen_tokens,
+                      "img_per_s": img_per_s, "tok_per_s": img_per_s * tokens / cfg.batch_size,
                       "grad_norm": run.last_grad_norm.item(), "stage": stage}  # fmt: skip
             run.log(record)
             if run.progress is not None:
