@@ -88,6 +88,8 @@ class VLMTrainConfig(tc.TrainConfig):
             errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
         if self.parallel not in ("none", "ddp", "torch_ddp"):
             errors.append("parallel must be none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
+        if self.compile:
+            errors.append("compile is not supported by train_vlm.py yet (the image splice is a Python hook)")
         if self.qa_turns < 1:
             errors.append("qa_turns must be >= 1")
         if self.stage1_steps <= 0 or self.stage1_lr <= 0:

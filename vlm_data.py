@@ -326,10 +326,13 @@ class VLMDataConfig:
     n_train: int = 4000  # stage-2 question/answer rows
     n_test: int = 400  # held-out question/answer rows
     image_size: int = 32  # side of the square canvas in pixels
+    turns: int = 1  # questions per training image (multi-turn conversations); test rows always ask one
     seed: int = 0  # seed of the scene generator
 
     def validate(self) -> list[str]:
         errors = [f"{k} must be > 0" for k in ("n_caption", "n_train", "n_test") if getattr(self, k) <= 0]
+        if self.turns < 1:
+            errors.append("turns must be >= 1")
         if self.image_size < 16:
             errors.append("image_size must be >= 16")
         return errors
@@ -360,7 +363,7 @@ def main(cfg: VLMDataConfig) -> dict:
     size = cfg.image_size
     splits = {
         "captions": make_examples(cfg.n_caption, "caption", "train", cfg.seed, size),
-        "train": make_examples(cfg.n_train, "qa", "train", cfg.seed, size),
+        "train": make_examples(cfg.n_train, "qa", "train", cfg.seed, size, turns=cfg.turns),
         "test": make_examples(cfg.n_test, "qa", "test", cfg.seed, size),
     }
     for name, rows in splits.items():
