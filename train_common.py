@@ -461,8 +461,15 @@ class RunLogger:
         """On resume, drop lines logged after the checkpoint so log.jsonl reads as one clean run."""
         if not (self.enabled and os.path.isfile(self.path)):
             return
+        keep = []
         with open(self.path) as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line torn by a kill mid-write: drop it
+                    continue
+                if record.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
         with open(self.path + ".tmp", "w") as fh:
             fh.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
