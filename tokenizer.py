@@ -5,6 +5,9 @@ What this file does
   (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units"; Kudo 2018,
   "Subword Regularization"; Kudo & Richardson 2018, "SentencePiece") on plain-text files, one sentence per line.
 - `Tokenizer(path)` loads it: `encode`, `decode`, `encode_batch`, `render_chat`, `render_prompt_completion`.
+- `extend_with_chat_tokens(path, out_dir)` makes a foreign SentencePiece model (Llama / TinyLlama: <unk>, <s>,
+  </s>, no pad, no chat markers) usable here: the missing specials are appended as control pieces at the end
+  of the vocabulary (existing ids unchanged), so a pretrained model only grows its embedding.
 - `python tokenizer.py [CONFIG.yaml] input=a.txt,b.txt out_dir=DIR vocab_size=4096 model_type=bpe`.
 
 Key choices
@@ -68,6 +71,13 @@ CHAT_TEMPLATE = (
     "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+# A model with add_dummy_prefix (Llama's) encodes each message as "▁" + content, the way it saw the start of
+# every text in pretraining; render_chat keeps that. transformers adds the prefix only at the start of the
+# whole string, so the template writes it as a space (" " becomes "▁" there), which gives the same ids.
+# (Empty content encodes to no ids at all, so it gets no space either.)
+CHAT_TEMPLATE_DUMMY_PREFIX = CHAT_TEMPLATE.replace(
+    "message['content'] +", "(' ' if message['content'] else '') + message['content'] +"
 )
 
 
@@ -267,11 +277,21 @@ class Tokenizer:
         except (RuntimeError, OSError):
             raise ValueError("not a SentencePiece model (tokenizer.model could not be parsed)") from None
         self.vocab_size = self.sp.get_piece_size()
+        self.dummy_prefix = _model_field(model_proto, "normalizer_spec").add_dummy_prefix  # ours False, Llama True
+        # Ids come from the model, never from a fixed layout: ours puts the specials at 0..7, a Llama model
+        # extended by extend_with_chat_tokens has <s>=1, </s>=2 and the rest at the end of its vocabulary.
+        # BOS/EOS/PAD are the ids the model declares (trainer_spec) when it declares them, else found by piece.
+        declared = {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": self.sp.pad_id()}
         self._special = {}
         for name, piece in SPECIAL_TOKENS.items():
-            i = self.sp.piece_to_id(piece)
-            if self.sp.id_to_piece(i) != piece or not self.sp.is_control(i):
-                raise ValueError(f"tokenizer.model lacks the control token {piece} (not trained by this file?)")
+            i = declared.get(name, -1)
+            if i < 0:
+                i = self.sp.piece_to_id(piece)
+                if self.sp.id_to_piece(i) != piece or not self.sp.is_control(i):
+                    raise ValueError(
+                        f"tokenizer.model lacks the control token {piece} "
+                        "(tokenizer.extend_with_chat_tokens adds the chat markers to a foreign tokenizer)"
+                    )
             self._special[name] = i
         self.bos_id, self.eos_id, self.pad_id = self._special["bos"], self._special["eos"], self._special["pad"]
         self._special_ids = {i: self.sp.id_to_piece(i) for i in range(self.vocab_size) if self.sp.is_control(i)}
@@ -378,24 +398,66 @@ class Tokenizer:
         os.makedirs(out_dir, exist_ok=True)
         self.path = out_dir
         _write(os.path.join(out_dir, "tokenizer.model"), self.model_proto)
+        # The model's own pieces (a foreign model may name them differently from our constants).
+        bos, eos, pad = (self.id_to_piece(i) for i in (self.bos_id, self.eos_id, self.pad_id))
+        unk = self.id_to_piece(self.sp.unk_id())
         config = {
             "tokenizer_class": "TokenizersBackend",  # generic: converts tokenizer.model by its own type (see top)
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "unk_token": UNK,
+            "bos_token": bos,
+            "eos_token": eos,
+            "pad_token": pad,
+            "unk_token": unk,
             "add_bos_token": False,  # BOS comes from the chat template / our encode(bos=True), never implicitly
             "add_eos_token": False,
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
             "extra_special_tokens": list(CHAT_MARKERS),
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": CHAT_TEMPLATE_DUMMY_PREFIX if self.dummy_prefix else CHAT_TEMPLATE,
             "model_max_length": 1_000_000_000,
         }
-        specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
+        specials = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
         specials["additional_special_tokens"] = list(CHAT_MARKERS)
         _write(os.path.join(out_dir, "tokenizer_config.json"), (json.dumps(config, indent=2) + "\n").encode())
         _write(os.path.join(out_dir, "special_tokens_map.json"), (json.dumps(specials, indent=2) + "\n").encode())
+
+
+def extend_with_chat_tokens(model_path: str, out_dir: str | None = None) -> Tokenizer:
+    """A foreign SentencePiece model (e.g. Llama's: <unk>, <s>, </s>, no pad, no chat markers) -> our Tokenizer.
+
+    Each special token of SPECIAL_TOKENS the model lacks (usually <pad> and the four chat markers) is appended
+    as a CONTROL piece at the end of the vocabulary, so every existing id keeps its meaning and its embedding
+    row; the model's embedding must then grow to the new vocab_size (train_sft.grow_vocab). BOS/EOS the model
+    declares are kept. A piece that exists with another type (e.g. "<|user|>" learned as ordinary text) is a
+    ValueError: it cannot become a control id without changing how text encodes.
+    model_path: a dir holding tokenizer.model, or the file. With out_dir, the result is saved there (save()).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    file = os.path.join(model_path, "tokenizer.model") if os.path.isdir(model_path) else model_path
+    if not os.path.isfile(file):
+        raise CorpusError(f"tokenizer not found: {file}")
+    proto = pb.ModelProto()
+    with open(file, "rb") as fh:
+        try:
+            proto.ParseFromString(fh.read())
+        except Exception:  # protobuf's DecodeError; any failure means the same thing here
+            raise ValueError(f"{file} is not a SentencePiece model") from None
+    kinds = {p.piece: p.type for p in proto.pieces}
+    spec = proto.trainer_spec
+    declared = {"bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
+    for name, piece in SPECIAL_TOKENS.items():
+        if 0 <= declared.get(name, -1) < len(proto.pieces):
+            continue  # the model's own BOS / EOS / PAD, whatever its piece is called
+        if piece in kinds:
+            if kinds[piece] != pb.ModelProto.SentencePiece.CONTROL:
+                raise ValueError(f"{file}: {piece} exists but is not a control piece; cannot use it as a special token")
+            continue
+        # Control pieces are never produced by encode(); their score is unused.
+        proto.pieces.add(piece=piece, score=0.0, type=pb.ModelProto.SentencePiece.CONTROL)
+    tok = Tokenizer(model_proto=proto.SerializeToString())
+    if out_dir is not None:
+        tok.save(out_dir)
+    return tok
 
 
 def _check_message(message, n: int) -> tuple[str, str]:
@@ -407,6 +469,15 @@ def _check_message(message, n: int) -> tuple[str, str]:
     if not isinstance(content, str):
         raise ValueError(f"message {n}: content must be a string, got {type(content).__name__}")
     return role, content
+
+
+def _model_field(model_proto: bytes, field: str):
+    """One field of the SentencePiece ModelProto (trainer_spec, normalizer_spec, ...), parsed by protobuf."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_proto)
+    return getattr(proto, field)
 
 
 def _write(path: str, data: bytes) -> None:

@@ -287,3 +287,65 @@ def test_cli_trains_and_errors_are_one_line(tmp_path, corpus):
         r = _cli(*args)
         assert r.returncode != 0 and needle in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- extending a foreign (Llama-style) model
+
+
+def test_extend_llama_style_tokenizer_with_chat_tokens(corpus, tmp_path):
+    """A SentencePiece model trained the way Llama's was (default <unk>=0, <s>=1, </s>=2, no pad, no markers,
+    dummy prefix on) cannot render chats; extended, it keeps every old id, gains single-id markers at the end,
+    and transformers' apply_chat_template on the written dir gives render_chat's ids and mask."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = [line for line in open(corpus, encoding="utf-8").read().splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=600, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, minloglevel=2,
+    )  # fmt: skip
+    base_dir = tmp_path / "llama"
+    base_dir.mkdir()
+    (base_dir / "tokenizer.model").write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match="lacks the control token"):
+        Tokenizer(str(base_dir))
+    sp = spm.SentencePieceProcessor(model_file=str(base_dir / "tokenizer.model"))
+
+    tok = T.extend_with_chat_tokens(str(base_dir), str(tmp_path / "ext"))
+    n = sp.get_piece_size()
+    assert tok.vocab_size == n + 5  # <pad> and the four chat markers, appended
+    assert [tok.id_to_piece(i) for i in range(n)] == [sp.id_to_piece(i) for i in range(n)]  # old ids unchanged
+    assert (tok.bos_id, tok.eos_id) == (sp.bos_id(), sp.eos_id()) == (1, 2)  # the model's own BOS / EOS
+    assert [tok.special_id(m) for m in ("pad", *CHAT_MARKERS)] == list(range(n, n + 5))
+    text = "def f(x):\n    return  x + 12  # ok"
+    assert tok.encode(text) == sp.encode(text)  # plain text encodes exactly as the original model does
+    assert Tokenizer(str(tmp_path / "ext")).sha256 == tok.sha256  # saved and reloaded: the same model
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is  2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "  x\n y"},
+    ]
+    ids, mask = tok.render_chat(messages)
+    # Reference from the original SentencePiece model: each content encoded alone, markers as single ids.
+    end = tok.special_id("<|end|>")
+    expected, expected_mask = [1], [0]
+    for m in messages:
+        piece = sp.encode(m["content"])
+        expected += [tok.special_id(m["role"])] + piece + [end]
+        expected_mask += [0] + [int(m["role"] == "assistant")] * (len(piece) + 1)
+    assert (ids, mask) == (expected, expected_mask)
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ext"))
+    out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(out["input_ids"]) == ids and list(out["assistant_masks"]) == mask
+    prompt = hf.apply_chat_template(messages[:2], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert list(prompt["input_ids"]) == tok.render_chat(messages[:2], add_generation_prompt=True)[0]
+    # A tokenizer that already has every special token is returned unchanged.
+    assert T.extend_with_chat_tokens(str(tmp_path / "ext")).sha256 == tok.sha256
