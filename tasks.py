@@ -435,8 +435,9 @@ TEST_KEYS = {"prompt": str, "answer": str}
 CHOICE_KEYS = {"context": str, "choices": list, "label": int}
 
 
-def _check_row(row, required: dict) -> str | None:
-    """The first problem with one parsed row, or None."""
+def check_row(row, required: dict) -> str | None:
+    """The first problem with one parsed row, or None. Public: train_sft checks hub dataset rows with it, so a
+    bad hub row fails as clearly as a bad jsonl line."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     for key, tp in required.items():
@@ -463,6 +464,9 @@ def _check_row(row, required: dict) -> str | None:
     return None
 
 
+_check_row = check_row  # the old private name, kept for callers that still use it
+
+
 def load_jsonl(path: str, required_keys) -> list[dict]:
     """Read a jsonl file (blank lines skipped) and validate every row; ValueError names file and line.
 
@@ -487,7 +491,7 @@ def load_jsonl(path: str, required_keys) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            problem = _check_row(row, required_keys)
+            problem = check_row(row, required_keys)
             if problem:
                 raise ValueError(f"{path} line {lineno}: {problem}")
             rows.append(row)
