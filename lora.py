@@ -35,6 +35,15 @@ Adapter files follow PEFT's layout, so PEFT loads ours and we load PEFT's:
   adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules, base_model_name_or_path, ...
   adapter_model.safetensors  base_model.model.<module path>.lora_A.weight  (r, in)
                              base_model.model.<module path>.lora_B.weight  (out, r)
+                             base_model.model.<module path>.weight         (modules_to_save, below)
+
+New tokens (modules_to_save): a tokenizer extended with chat markers (tokenizer.extend_with_chat_tokens)
+needs new embedding rows, which frozen LoRA could never train. `grow_vocab` appends them (mean-initialised,
+Hewitt 2021) and `train_modules(model, ["model.embed_tokens", "lm_head"])` makes those whole modules
+trainable; save_adapter then stores their full weights as PEFT's `modules_to_save` does (config lists
+"embed_tokens", "lm_head"; keys without PEFT's ".modules_to_save.default" infix), and load_adapter grows
+the base to the saved vocabulary before copying them. PEFT itself needs the base resized first
+(`model.resize_token_embeddings(n)`) before it loads such an adapter.
 
 How to use
 ----------
@@ -368,17 +377,65 @@ def trainable_report(model) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# New tokens: a larger vocabulary and fully trained modules (PEFT's modules_to_save)
+
+
+def grow_vocab(model, vocab_size: int) -> int:
+    """Append rows to model.embed_tokens and an untied lm_head up to vocab_size; returns how many were added.
+
+    Each new row (input and output) is the mean of the existing rows: Hewitt 2021, "Initializing New Word
+    Embeddings for Pretrained Language Models". A mean output row gives the new tokens the average logit,
+    so the model's next-token distribution barely moves (a random row could dominate it), and a mean input
+    row looks like an average token to every layer. config.vocab_size is updated, so checkpoints match.
+    """
+    emb = model.model.embed_tokens
+    added = vocab_size - emb.weight.shape[0]
+    if added <= 0:
+        return 0
+
+    def grown(w):  # (V, C) -> (vocab_size, C)
+        mean = w.detach().float().mean(dim=0, keepdim=True).to(w.dtype)  # (1, C)
+        return nn.Parameter(torch.cat([w.detach(), mean.expand(added, -1)]), requires_grad=w.requires_grad)
+
+    with torch.no_grad():
+        emb.weight = grown(emb.weight)
+        emb.num_embeddings = vocab_size
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight = grown(model.lm_head.weight)
+        model.lm_head.out_features = vocab_size
+    model.config.vocab_size = vocab_size
+    model.tie_weights()  # tied: lm_head shares the grown embedding
+    return added
+
+
+def train_modules(model, paths) -> list:
+    """Make whole modules trainable next to the adapters (fp32 weights, like the adapters: Adam needs the
+    precision) and remember them for save_adapter. paths: module paths such as "model.embed_tokens"."""
+    params = []
+    for path in paths:
+        w = model.get_submodule(path).weight
+        if w.dtype != torch.float32:
+            w.data = w.data.float()
+        params.append(w.requires_grad_(True))
+    model.modules_to_save = list(paths)
+    model.tie_weights()  # a tied lm_head points at the embedding again after the cast
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------
 # PEFT-compatible adapter files
 
 
 def save_adapter(model, dir, base_model_name_or_path):
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout into `dir`.
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout into `dir`, with the full
+    weights of the modules train_modules() made trainable (PEFT's modules_to_save), if any.
     Each file goes to a temporary name first and is renamed into place (a crash never leaves half a file)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers")
     cfg = getattr(model, "lora_config", None) or {}
     first = next(iter(layers.values()))
+    save_paths = getattr(model, "modules_to_save", [])
     targets = cfg.get("targets") or sorted({name.rpartition(".")[2] for name in layers})
     config = {
         "peft_type": "LORA",
@@ -393,7 +450,7 @@ def save_adapter(model, dir, base_model_name_or_path):
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": [p.rpartition(".")[2] for p in save_paths] or None,  # PEFT: names, e.g. "lm_head"
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -405,6 +462,8 @@ def save_adapter(model, dir, base_model_name_or_path):
     for name, m in layers.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    for path in save_paths:  # clone: a tied lm_head shares memory with embed_tokens, which safetensors refuses
+        tensors[f"{PEFT_PREFIX}{path}.weight"] = model.get_submodule(path).weight.detach().cpu().clone()
     os.makedirs(dir, exist_ok=True)
     tmp = os.path.join(dir, ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
@@ -431,7 +490,6 @@ def read_adapter_config(dir) -> dict:
         "rank_pattern": bool(cfg.get("rank_pattern")),
         "alpha_pattern": bool(cfg.get("alpha_pattern")),
         "layers_to_transform": cfg.get("layers_to_transform") is not None,
-        "modules_to_save": bool(cfg.get("modules_to_save")),
         "exclude_modules": bool(cfg.get("exclude_modules")),
     }
     bad = [k for k, v in unsupported.items() if v]
@@ -445,6 +503,14 @@ def load_adapter(model, dir, quantize=None, double_quant=False, block_size=64):
     layers, e.g. when resuming) and load adapter_model.safetensors into it. Works for files written
     by save_adapter or by PEFT. Returns the model."""
     cfg = read_adapter_config(dir)
+    tensors = load_file(os.path.join(dir, ADAPTER_WEIGHTS))
+    names = cfg.get("modules_to_save") or []
+    save_paths = [n for n, _ in model.named_modules() if n and _matches(n, names)] if names else []
+    if len(save_paths) != len(names):
+        raise ValueError(f"load_adapter: modules_to_save {names} do not each name one module of the model")
+    emb_key = f"{PEFT_PREFIX}model.embed_tokens.weight"
+    if "model.embed_tokens" in save_paths and emb_key in tensors:
+        grow_vocab(model, tensors[emb_key].shape[0])  # the adapter was trained with added tokens
     if not lora_layers(model):
         targets = cfg["target_modules"]
         targets = targets if isinstance(targets, str) else tuple(targets)
@@ -453,15 +519,17 @@ def load_adapter(model, dir, quantize=None, double_quant=False, block_size=64):
     layers = lora_layers(model)
     if any(m.merged for m in layers.values()):
         raise ValueError("load_adapter: the model's LoRA layers are merged; unmerge_lora(model) first")
-    tensors = load_file(os.path.join(dir, ADAPTER_WEIGHTS))
+    if save_paths:
+        train_modules(model, save_paths)
     expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": (n, ab) for n in layers for ab in "AB"}
+    expected.update({f"{PEFT_PREFIX}{p}.weight": (p, None) for p in save_paths})
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(f"load_adapter: {dir} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for key, (name, ab) in expected.items():
-            p = getattr(layers[name], "lora_" + ab).weight
+            p = model.get_submodule(name).weight if ab is None else getattr(layers[name], "lora_" + ab).weight
             if tensors[key].shape != p.shape:
                 raise ValueError(
                     f"load_adapter: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}"
