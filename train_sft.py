@@ -36,6 +36,13 @@ with each checkpoint, so `resume=auto` continues bit-exactly (weights, optimizer
 Evaluation every `eval_every` steps (and at step 0): loss on `val_data` and greedy exact-match
 accuracy on `eval_tasks` (eval.task_accuracy), both in log.jsonl.
 
+A foreign base tokenizer (TinyLlama / Llama: <unk>, <s>, </s>, no pad, no chat markers) is extended
+at start-up by tokenizer.extend_with_chat_tokens: <pad> and the four markers are appended as control
+ids after the existing 32,000 (OUT/tokenizer/ holds the result, copied into every output), and the
+model's embed_tokens / lm_head grow to match (new rows = the mean of the old ones, Hewitt 2021). Frozen
+LoRA could never learn those rows, so (q)lora runs then also train embed_tokens and lm_head in full and
+save them in the adapter as PEFT's modules_to_save (lora.py); the merged model holds everything.
+
 Outputs (ARCHITECTURE.md contract 2): full runs write config.json + model.safetensors; LoRA runs
 write adapter_config.json + adapter_model.safetensors (PEFT layout, base_model_name_or_path = the
 base dir), and at the end also OUT/merged/, a plain model with the adapters folded in, for
@@ -59,7 +66,7 @@ import train_common as tc
 from config import UserError, run_cli
 from eval import task_accuracy
 from model import TOKENIZER_FILES, Transformer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, extend_with_chat_tokens
 
 # Legend: B batch (examples in a micro-batch), T time (tokens), V vocabulary.
 
@@ -171,7 +178,7 @@ def _load_dataset_rows(source: str, split: str) -> list[dict]:
     rows = []
     for i, row in enumerate(ds):
         # The same row checks as tasks.load_jsonl, so a hub dataset fails as clearly as a local file.
-        problem = tasks._check_row(row, tasks.SFT_KEYS)
+        problem = tasks.check_row(row, tasks.SFT_KEYS)
         if problem:
             raise UserError(f"{source} [{split}] row {i}: {problem}")
         rows.append(row)
@@ -256,8 +263,12 @@ def val_loss(model, examples, batch_size: int, pad_id: int, device, autocast) ->
 # ----------------------------------------------------------------------------- the run
 
 
-def load_base(cfg: SFTConfig, device: torch.device) -> Transformer:
-    """The base model, with LoRA / QLoRA applied when asked (every non-adapter weight frozen)."""
+def load_base(cfg: SFTConfig, device: torch.device, grow_vocab_to: int = 0) -> Transformer:
+    """The base model, with LoRA / QLoRA applied when asked (every non-adapter weight frozen).
+
+    grow_vocab_to: the size of a tokenizer extended with new tokens (0 = none). The embedding and lm_head
+    grow to it (lora.grow_vocab), and LoRA runs then train those two modules in full: the new rows would
+    stay at their initial value under frozen LoRA."""
     attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
     dtype = cfg.base_dtype
     if dtype == "auto":
@@ -267,6 +278,7 @@ def load_base(cfg: SFTConfig, device: torch.device) -> Transformer:
             cfg.base, dtype=dtype, device=device, attn_impl=attn, dropout=cfg.dropout,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )  # fmt: skip
+        added = lora.grow_vocab(model, grow_vocab_to) if grow_vocab_to else 0
         if cfg.finetune != "full":
             lora.apply_lora(
                 model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
@@ -274,6 +286,8 @@ def load_base(cfg: SFTConfig, device: torch.device) -> Transformer:
             )  # fmt: skip
             for p in lora.lora_parameters(model):
                 p.data = p.data.float()  # adapters train in fp32 even on a bf16 base: Adam needs the precision
+            if added:  # saved with the adapter as modules_to_save
+                lora.train_modules(model, ["model.embed_tokens", "lm_head"])
     except ValueError as e:
         raise UserError(f"base: {e}") from None
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -290,10 +304,16 @@ def main(cfg: SFTConfig) -> None:
     base_dir = os.path.abspath(cfg.base)  # adapters name their base by an absolute path: loadable from anywhere
 
     # ---- data ----
+    extended = False
     try:
         tokenizer = Tokenizer(tok_dir)
-    except ValueError as e:  # e.g. an HF tokenizer without our chat markers
-        raise UserError(f"tokenizer in {tok_dir}: {e}") from None
+    except ValueError as e:
+        try:  # an HF (Llama) tokenizer without our chat markers: append them; written to OUT/tokenizer below
+            tokenizer, extended = extend_with_chat_tokens(tok_dir), True
+        except ValueError:
+            raise UserError(f"tokenizer in {tok_dir}: {e}") from None
+        run.print(f"tokenizer: {tok_dir} extended with <pad> and the chat markers, vocab {tokenizer.vocab_size}")
+        tok_dir = os.path.join(cfg.out_dir, "tokenizer")
     rows = load_conversations(cfg.data, cfg.data_split, cfg.families)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
@@ -322,7 +342,9 @@ def main(cfg: SFTConfig) -> None:
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init and dropout: identical on every rank
-    raw_model = load_base(cfg, device)
+    raw_model = load_base(cfg, device, grow_vocab_to=tokenizer.vocab_size if extended else 0)
+    if extended and raw_model.config.pad_token_id is None:
+        raw_model.config.pad_token_id = tokenizer.pad_id  # config.json then names the new <pad>
     if tokenizer.vocab_size > raw_model.config.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the base model only {raw_model.config.vocab_size}"
@@ -369,6 +391,8 @@ def main(cfg: SFTConfig) -> None:
 
     # ---- training loop ----
     step = run.resume(load_weights, data=sampler)
+    if extended and run.master:  # written only now: a run that stops at start-up leaves out_dir untouched
+        tokenizer.save(tok_dir)
     if step == 0 and cfg.eval_at_start:
         evaluate(0)  # the base model's numbers, for the before/after comparison
     t_last, tokens_last = time.perf_counter(), sampler.tokens

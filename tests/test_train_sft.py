@@ -238,3 +238,66 @@ def test_sft_raises_heldout_task_accuracy(tiny_data_dir, micro_base, tmp_path):
     accs = [r["task_acc"] for r in log_rows(out) if "task_acc" in r]
     before, after = accs[0], accs[-1]
     assert after >= before + 0.2 and after >= 0.25, (before, after)
+
+
+# ----------------------------------------------------------------------------- an HF Llama base without chat markers
+
+
+def test_lora_on_hf_llama_with_foreign_tokenizer(tiny_data_dir, tmp_path):
+    """The TinyLlama case in miniature: a transformers LlamaForCausalLM dir whose SentencePiece tokenizer has
+    only <unk>, <s>, </s>. SFT extends the tokenizer, grows the (untied) embedding and lm_head, trains them
+    next to the adapters, and the merged model loads in transformers with our logits; PEFT reads the adapter."""
+    import io
+
+    import sentencepiece as spm
+    import transformers
+    from peft import PeftModel
+
+    rows = [json.loads(line) for line in open(f"{tiny_data_dir}/sft_train.jsonl")]
+    lines = [m["content"] for r in rows for m in r["messages"]]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=400, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )  # Llama's trainer settings; default specials <unk>=0, <s>=1, </s>=2 and no pad  # fmt: skip
+    base = str(tmp_path / "hf_llama")
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(base)
+    with open(os.path.join(base, "tokenizer.model"), "wb") as fh:
+        fh.write(proto.getvalue())
+
+    out = str(tmp_path / "sft")
+    run_inprocess(
+        sft_args(tiny_data_dir, base, out, finetune="lora", steps=3, batch_size=4, val_data="", eval_tasks="",
+                 lr=1e-2, warmup_steps=0)
+    )  # fmt: skip
+    tok = Tokenizer(os.path.join(out, "merged"))  # the merged dir carries the extended tokenizer
+    assert tok.vocab_size == 405 and [tok.special_id(m) for m in ("pad", "<|user|>", "<|end|>")] == [400, 402, 404]
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    adapter_cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert sorted(adapter_cfg["modules_to_save"]) == ["embed_tokens", "lm_head"]
+    adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
+    emb = adapter["base_model.model.model.embed_tokens.weight"]  # (405, 32)
+    assert emb.shape == (405, 32)
+    orig = load_file(os.path.join(base, "model.safetensors"))["model.embed_tokens.weight"]
+    init_row = orig.mean(dim=0)  # Hewitt 2021 init of every new row, before training moved the used ones
+    assert (emb[402] - init_row).abs().max() > 1e-4  # <|user|> is in every input: its row trained
+    assert (emb[:400] - orig).abs().max() > 1e-4  # the embedding trained in full, not only the new rows
+
+    merged = os.path.join(out, "merged")
+    idx = torch.tensor([tok.render_chat(rows[0]["messages"])[0]])  # (1, T), markers included
+    with torch.no_grad():
+        ours = Transformer.from_pretrained(merged)(idx)  # (1, T, 405)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+        torch.testing.assert_close(hf(idx).logits, ours, rtol=1e-4, atol=1e-5)
+        via_adapter = Transformer.from_pretrained(out)(idx)  # base grown to 405 rows, then the adapter
+        torch.testing.assert_close(via_adapter, ours, rtol=1e-4, atol=1e-5)
+        # PEFT's own loader on the same files (it needs the base resized first, as with any added tokens).
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base)
+        hf_base.resize_token_embeddings(405)
+        peft_model = PeftModel.from_pretrained(hf_base, out).eval()
+        torch.testing.assert_close(peft_model(idx).logits, ours, rtol=1e-4, atol=1e-5)
