@@ -48,6 +48,14 @@ samples: $(DPO)   ## a few answers from each stage
 			$(PY) sample.py checkpoint=$$ckpt chat=true temperature=0 max_new_tokens=16; \
 	done
 
+VLM := out/vlm/DONE
+demo-vlm: setup $(VLM)  ## ViT + projector + tiny LM on built-in shapes, both LLaVA stages, then VQA accuracy and one answer
+	$(PY) eval.py checkpoint=out/vlm data= tasks= choices= vqa=builtin
+	$(PY) vlm_data.py out_dir=data/vlm n_caption=1 n_train=1 n_test=4
+	$(PY) sample.py checkpoint=out/vlm image=data/vlm/images/test_00000.png prompt="What colour is the shape?" temperature=0 max_new_tokens=8
+$(VLM): $(_force)
+	$(PY) train_vlm.py configs/vlm_tiny.yaml $(if $(FORCE),resume=never,)
+
 test: setup-test  ## install and run the whole test suite
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile tests
 

@@ -253,6 +253,7 @@ class EvalConfig:
     seq_len: int = 0  # window for the LM loss; 0 = the model's context length
     max_tokens: int = 0  # stop the LM loss after this many predicted tokens (0 = all)
     limit: int = 0  # use only the first N task and choice rows (0 = all)
+    vqa: str = ""  # VLM checkpoints: VQA exact match on builtin | a vlm_data.py folder | a LLaVA json with answers
     max_new_tokens: int = 24  # generation budget per task answer
     batch_size: int = 8  # sequences per forward
     device: str = "auto"  # auto | cpu | cuda
@@ -286,8 +287,13 @@ def _load(path: str, keys) -> list[dict]:
 def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
     """Every metric the config asks for, on one checkpoint: a flat dict (by_family nested)."""
     t0 = time.perf_counter()
-    model, tokenizer = load_for_inference(checkpoint, cfg.device, cfg.dtype)
     metrics: dict = {"checkpoint": checkpoint}
+    if cfg.vqa:
+        import vlm
+
+        if vlm.is_vlm_checkpoint(checkpoint):  # caption / VQA exact match on held-out images
+            metrics |= vlm.evaluate_checkpoint(checkpoint, cfg.vqa, n=cfg.limit or 200)
+    model, tokenizer = load_for_inference(checkpoint, cfg.device, cfg.dtype)
     if cfg.data:
         seq_len = min(cfg.seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         if os.path.isfile(os.path.join(cfg.data, "meta.json")):
@@ -305,7 +311,17 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
     return metrics
 
 
-TABLE_ROWS = ("val_loss", "val_ppl", "val_bpb", "task_acc", "choice_acc", "choice_acc_norm", "choice_acc_token_norm")
+TABLE_ROWS = (
+    "val_loss",
+    "val_ppl",
+    "val_bpb",
+    "task_acc",
+    "choice_acc",
+    "choice_acc_norm",
+    "choice_acc_token_norm",
+    "vqa_acc",
+    "caption_acc",
+)
 
 
 def format_table(results: list[dict]) -> str:

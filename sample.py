@@ -351,6 +351,7 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     stream: bool = True  # print tokens as they are generated (single prompt, and chat)
+    image: str = ""  # an image file for a VLM checkpoint (train_vlm.py): `prompt` is asked about it
 
     def validate(self) -> list[str]:
         errors = []
@@ -386,6 +387,29 @@ def _sampling(cfg: SampleConfig, tokenizer, gen) -> dict:
     return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 repetition_penalty=cfg.repetition_penalty, stop_ids=stop_ids_of(tokenizer),
                 stop_strings=tuple(cfg.stop), decode=tokenizer.decode, generator=gen)  # fmt: skip
+
+
+def answer_about_image(cfg: SampleConfig) -> list[str]:
+    """image=PATH: a VLM checkpoint (vlm.py) answers `prompt` about the image."""
+    import vlm
+
+    if not vlm.is_vlm_checkpoint(cfg.checkpoint):
+        raise UserError(f"image= needs a VLM checkpoint (written by train_vlm.py); {cfg.checkpoint} is not one")
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    try:
+        model = vlm.VLM.from_pretrained(cfg.checkpoint, device=device)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{cfg.checkpoint}: {e}") from None
+    tokenizer = load_tokenizer(cfg.checkpoint)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    answer = vlm.generate_answer(model, tokenizer, [cfg.image], [cfg.prompt], cfg.max_new_tokens,
+                                 **_sampling(cfg, tokenizer, gen))[0]  # fmt: skip
+    print(answer)
+    return [answer]
 
 
 def _report_speed(n_new: int, seconds: float) -> None:
@@ -431,6 +455,8 @@ def chat_loop(cfg: SampleConfig, model, tokenizer, gen) -> None:
 def main(cfg: SampleConfig) -> list[str] | None:
     """Print samples (or chat); returns the generated texts (prompt excluded, cut at stop strings)."""
     cfg.stop = [parse_stop(s) for s in cfg.stop]
+    if cfg.image:
+        return answer_about_image(cfg)
     model, tokenizer = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

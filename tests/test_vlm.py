@@ -342,6 +342,23 @@ def test_two_stages_keep_lm_in_stage1_and_lift_vqa(tiny_data_dir, base_lm, tmp_p
     report = vlm.evaluate_checkpoint(out, n=8)  # eval.py's one call: all families, plus captions
     assert report["vqa_n"] == 8 and 0 <= report["vqa_acc"] <= 1 and 0 <= report["caption_acc"] <= 1
 
+    # The user-facing hooks: sample.py image=PATH answers like generate_answer; eval.py vqa= reports VQA.
+    import eval as eval_script
+    import sample
+    from config import parse_args
+
+    data_dir = str(tmp_path / "vlm_data")
+    vlm_data.main(parse_args(vlm_data.VLMDataConfig, [f"out_dir={data_dir}", "n_caption=1", "n_train=1", "n_test=2"]))
+    image = os.path.join(data_dir, "images", "test_00000.png")
+    question = "What colour is the shape?"
+    got = sample.main(parse_args(sample.SampleConfig, [f"checkpoint={out}", f"image={image}", f"prompt={question}",
+                                                       "temperature=0", "max_new_tokens=8"]))  # fmt: skip
+    assert got == vlm.generate_answer(final, Tokenizer(out), [image], [question], 8)
+    cfg = parse_args(
+        eval_script.EvalConfig, [f"checkpoint={out}", "data=", "tasks=", "choices=", "vqa=builtin", "limit=8"]
+    )
+    assert eval_script.evaluate(out, cfg)["vqa_n"] == 8
+
 
 def test_resume_equals_uninterrupted_and_lora(tiny_data_dir, base_lm, tmp_path):
     common = dict(lm=base_lm, stage="2", steps=6, save_every=3)
