@@ -331,7 +331,10 @@ def tokenize_docs(docs: list[str], tokenizer_path: str, num_proc: int = 1, chunk
         _init_worker(tokenizer_path)
         yield from map(_encode_chunk, _chunks(docs, chunk_chars))
         return
-    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+    # "spawn", not the Linux default "fork": forking a process that already runs threads (torch's OpenMP pool,
+    # a gloo group) can copy a held lock into the child, which then waits on it forever.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
         # imap keeps the order, so the shards do not depend on num_proc or on which worker is faster.
         yield from pool.imap(_encode_chunk, _chunks(docs, chunk_chars))
 
