@@ -15,7 +15,15 @@ from conftest import ROOT
 from config import ConfigError, load_yaml, parse_args
 
 # Messages that only say a path is not there yet (data not prepared, base not trained).
-MISSING = ("no prepared data", "no checkpoint directory", "not found", "does not exist", "no directory", "no file")
+MISSING = (
+    "no prepared data",
+    "no checkpoint directory",
+    "not found",
+    "does not exist",
+    "no directory",
+    "no file",
+    "no tokenizer.model",
+)
 
 
 def script_config(name: str):
