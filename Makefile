@@ -28,15 +28,15 @@ $(DATA): $(_force)
 
 pretrain: $(PRETRAIN)
 $(PRETRAIN): $(DATA) $(_force)
-	$(PY) train_pretrain.py configs/pretrain_tiny.yaml $(if $(FORCE),resume=never,)
+	$(PY) train_pretrain.py configs/pretrain_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 sft: $(SFT)
 $(SFT): $(PRETRAIN) $(_force)
-	$(PY) train_sft.py configs/sft_tiny.yaml $(if $(FORCE),resume=never,)
+	$(PY) train_sft.py configs/sft_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 dpo: $(DPO)
 $(DPO): $(SFT) $(_force)
-	$(PY) train_dpo.py configs/dpo_tiny.yaml $(if $(FORCE),resume=never,)
+	$(PY) train_dpo.py configs/dpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy
 	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged
@@ -54,7 +54,7 @@ demo-vlm: setup $(VLM)  ## ViT + projector + tiny LM on built-in shapes, both LL
 	$(PY) vlm_data.py out_dir=data/vlm n_caption=1 n_train=1 n_test=4
 	$(PY) sample.py checkpoint=out/vlm image=data/vlm/images/test_00000.png prompt="What colour is the shape?" temperature=0 max_new_tokens=8
 $(VLM): $(_force)
-	$(PY) train_vlm.py configs/vlm_tiny.yaml $(if $(FORCE),resume=never,)
+	$(PY) train_vlm.py configs/vlm_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 test: setup-test  ## install and run the whole test suite
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile tests

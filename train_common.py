@@ -14,6 +14,8 @@ must exist exactly once lives here (STYLE.md rule 11):
   atomic, with a manifest written last, RNG and data position included, verified on resume.
 - `RunLogger`: one JSON object per logged step in `OUT/log.jsonl`, optional wandb, a loss-curve PNG.
 - `StopFlag`: SIGTERM / SIGINT ask the loop to save at the next step boundary and exit 0.
+- `lock_out_dir`: one run per out_dir at a time; resume=never refuses an out_dir holding an earlier
+  run's checkpoints unless overwrite=true says to delete them.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints (the last step is always saved)
     keep_last: int = 3  # complete checkpoints kept on disk
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir) | never | PATH to a checkpoint
+    overwrite: bool = False  # with resume=never: delete the checkpoints an earlier run left in out_dir
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     stop_after_steps: int = 0  # save and exit after this many steps in this process (0 = off): for time-limited jobs
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0 = guess from the device)
@@ -224,6 +227,42 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         t /= torch.distributed.get_world_size()
     return t
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+
+_LOCKED: dict[str, int] = {}  # real path of an out_dir -> the descriptor holding its lock in this process
+
+
+def lock_out_dir(out_dir: str) -> None:
+    """Hold an exclusive lock on out_dir until the run finishes: a second run pointed at it stops at once.
+
+    Two runs writing one out_dir would prune each other's checkpoints and rewrite each other's log.jsonl.
+    flock on the directory itself creates no file, and the kernel drops the lock when its process dies (even
+    by kill -9), so there is never a stale lock to delete. A run in this same process re-entering is allowed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; one run per out_dir is then up to the user
+        return
+    key = os.path.realpath(out_dir)
+    if key in _LOCKED:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"out_dir: {out_dir} is in use by another training run; wait for it to finish or choose another out_dir"
+        ) from None
+    _LOCKED[key] = fd
+
+
+def unlock_out_dir(out_dir: str) -> None:
+    fd = _LOCKED.pop(os.path.realpath(out_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 # ----------------------------------------------------------------------------- logging
@@ -409,6 +448,16 @@ class Run:
         whole network or only LoRA weights). Also starts the logger and the progress bar.
         """
         cfg, run_id = self.cfg, None
+        if self.master and os.path.isdir(cfg.out_dir):  # before reading a checkpoint another run may be pruning
+            lock_out_dir(cfg.out_dir)
+        earlier = list_checkpoints(cfg.out_dir) if cfg.resume == "never" else []
+        if earlier and not cfg.overwrite:
+            # A fresh run among an old run's checkpoints would mix the two: pruning keeps the highest step
+            # numbers (the old run's) and a later resume=auto would pick the old run's newest.
+            raise UserError(
+                f"resume=never: {cfg.out_dir} holds {len(earlier)} checkpoint(s) of an earlier run "
+                f"(newest {os.path.basename(earlier[-1])}); add overwrite=true to delete them, or choose another out_dir"
+            )
         ckpt = find_resume_checkpoint(cfg)
         if ckpt is not None:
             load_weights(ckpt)
@@ -427,6 +476,13 @@ class Run:
             from config import save_config
 
             os.makedirs(cfg.out_dir, exist_ok=True)
+            lock_out_dir(cfg.out_dir)  # a no-op when taken above
+            if ckpt is None:  # a fresh start: what an earlier run finished is no longer this run's result
+                if earlier:
+                    shutil.rmtree(os.path.join(cfg.out_dir, "checkpoints"))
+                    self.print(f"overwrite=true: deleted {len(earlier)} earlier checkpoint(s) in {cfg.out_dir}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(cfg.out_dir, "DONE"))  # `make` must not skip a stage half redone
             save_config(cfg, os.path.join(cfg.out_dir, "train_config.json"))
         self.logger = RunLogger(cfg, enabled=self.master, run_id=run_id)
         # On resume drop what was logged after the checkpoint; a fresh start begins a fresh log.
@@ -526,6 +582,8 @@ class Run:
             print(f"done: final model in {self.cfg.out_dir}" + (f", loss curve {png}" if png else ""), flush=True)
         self.logger.finish()
         self.stop.restore()
+        if self.master:
+            unlock_out_dir(self.cfg.out_dir)
         self.du.cleanup()
 
 

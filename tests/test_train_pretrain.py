@@ -191,6 +191,33 @@ def test_corrupted_checkpoint_is_refused_with_the_previous_one_offered(tiny_data
     assert "Traceback" not in proc.stderr
 
 
+def test_one_run_per_out_dir(tiny_data_dir, tmp_path):
+    """A second run cannot share a live run's out_dir, and resume=never does not mix with an old run's checkpoints."""
+    out = str(tmp_path / "shared")
+    run_inprocess(base_args(tiny_data_dir, out, steps=8, save_every=4))
+    old = train_losses(out)
+    tree = {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)}
+
+    tc.lock_out_dir(out)  # this process plays the live run; the subprocess is the second one
+    try:
+        proc = run_subprocess(base_args(tiny_data_dir, out, steps=12))
+    finally:
+        tc.unlock_out_dir(out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert "is in use by another training run" in proc.stderr, proc.stderr
+
+    # Without overwrite=true a fresh start refuses; pruning would otherwise keep the old run's higher steps.
+    with pytest.raises(UserError, match="holds 2 checkpoint.*step_000008.*overwrite=true"):
+        run_inprocess(base_args(tiny_data_dir, out, steps=3, save_every=1, resume="never"))
+    assert {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)} == tree and train_losses(out) == old
+
+    # With it, the old checkpoints go and only the new run's remain; its log starts afresh.
+    run_inprocess(base_args(tiny_data_dir, out, steps=3, save_every=1, seed=1, resume="never", overwrite="true"))
+    assert [os.path.basename(p) for p in tc.list_checkpoints(out)] == ["step_000001", "step_000002", "step_000003"]
+    new = train_losses(out)
+    assert sorted(new) == [1, 2, 3] and new[1] != old[1]  # seed 1: a different run, not the old lines kept
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_data_dir, tmp_path):
     out = str(tmp_path / "nan")
     run_inprocess(base_args(tiny_data_dir, out, steps=6, inject_nan_steps="[3]"))  # one bad step: skipped
