@@ -348,15 +348,18 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's state dict with the bare model's keys (HF keys for Transformer), as CPU tensors, on every
-    rank. Collective under fsdp / torch_fsdp2: call it on all ranks."""
+    rank, or with rank0_only on rank 0 alone ({} elsewhere: what a checkpoint save needs, one host copy instead of
+    one per rank). Collective under fsdp / torch_fsdp2: call it on all ranks."""
     if isinstance(model, fsdp_lib.FSDP):
-        return model.full_state_dict()
+        return model.full_state_dict(rank0_only=rank0_only)
     if _is_fully_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        # cpu_offload with full_state_dict: PyTorch gives the tensors to rank 0 only, the rest get {}.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only, broadcast_from_rank0=False)
+        sd = get_model_state_dict(model, options=options)
         return {k: v.detach().cpu() for k, v in sd.items()}
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 

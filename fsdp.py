@@ -300,16 +300,24 @@ class FSDP(nn.Module):
         return [g for u in [self.root] + self.units for g in u.groups]
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Bare-model keys -> full tensors on CPU, on every rank (a collective: call on all ranks)."""
+    def full_state_dict(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """Bare-model keys -> full tensors on CPU (a collective: call on all ranks).
+
+        rank0_only: only rank 0 keeps the tensors, the others get {}. A checkpoint needs one copy, and a full
+        fp32 copy per rank is 280 GB of host memory each for a 70B model. Each unit is gathered in turn, so
+        the device holds at most one unit's full flat parameter on top of the shards."""
         sd = {}
         for g in self._groups():
             full = torch.empty(g.shard_numel * g.world, dtype=g.shard.dtype, device=g.shard.device)
             _all_gather(full, g.shard.detach())
+            if rank0_only and g.rank != 0:
+                continue
             for piece, shape, slots in zip(full.split(g.numels + [g.pad])[:-1], g.shapes, g.slots, strict=True):
                 tensor = piece.view(shape).cpu().clone()
                 for _, _, fqn in slots:
                     sd[fqn] = tensor
+        if rank0_only and dist.get_rank() != 0:
+            return {}
         sd.update({k: v.detach().cpu() for k, v in self.module.state_dict().items()})  # buffers (never sharded)
         return sd
 

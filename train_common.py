@@ -564,8 +564,9 @@ class Run:
         return path
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights gathered from FSDP shards (collective); None when not sharded."""
-        return self.du.full_state_dict(self.model) if self.sharded else None
+        """The whole model's weights gathered from FSDP shards (collective) onto the master, which alone writes
+        them ({} on the other ranks); None when not sharded."""
+        return self.du.full_state_dict(self.model, rank0_only=True) if self.sharded else None
 
     def finish(self, step: int, title: str) -> None:
         """Close the progress bar; at the true end export the final model to out_dir and plot the losses."""

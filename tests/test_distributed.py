@@ -165,6 +165,13 @@ def _fsdp_worker(info):
     torch.testing.assert_close(train(ours, opt_ours, data, info), train(theirs, opt_theirs, data, info),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     assert_close_sd(distributed.full_state_dict(ours), distributed.full_state_dict(theirs), rtol=1e-4, atol=1e-6)
+    # What a checkpoint save uses: the same tensors on rank 0 only, nothing held on the other ranks.
+    for model in (ours, theirs):
+        everywhere, only0 = distributed.full_state_dict(model), distributed.full_state_dict(model, rank0_only=True)
+        if info.rank == 0:
+            assert only0.keys() == everywhere.keys() and all(torch.equal(only0[k], everywhere[k]) for k in only0)
+        else:
+            assert only0 == {}
 
     # Memory: FSDP keeps ~1/world of DDP's parameters + gradients + Adam state (padding and no buffers aside).
     ddp = distributed.wrap_model(make_model(cfg), "ddp", info)
