@@ -6,6 +6,9 @@ mapping: saving is `state_dict()` minus a tied lm_head, written as safetensors w
   * config: ModelConfig <-> LlamaConfig / MixtralConfig keys (`config_to_hf`, `config_from_hf`), writing
     both transformers 4.x (`rope_scaling`) and 5.x (`rope_parameters`) spellings;
   * MoE experts: our stacked (E, F, C) tensors <-> Mixtral's per-expert keys (moe.experts_to_hf / _from_hf).
+    MoE variants Mixtral's code would compute differently (shared experts, some dense layers, the sigmoid
+    router, capacity drops) keep that layout but get model_type "zts_moe", which transformers refuses loudly
+    instead of loading them with randomly filled weights.
 `load` reads our dirs, HF Llama / Mixtral dirs (one file or shards with model.safetensors.index.json), and
 LoRA adapter dirs (base named by base_model_name_or_path, then lora.load_adapter). Nothing is unpickled:
 a dir with only pytorch_model.bin is refused. Files are written under a temporary name and renamed.
@@ -126,6 +129,24 @@ HF_KEYS = (
 )  # fmt: skip
 # MoE fields Mixtral cannot express: stored as extra config.json keys, which transformers keeps and ignores.
 MOE_EXTRA_KEYS = ("n_shared_experts", "moe_layers", "router", "z_loss_coef", "capacity_factor", "bias_update_rate")
+# model_type of MoE variants that Mixtral's code would compute differently (shared experts, dense layers, the
+# sigmoid router, dropped tokens). transformers refuses an unknown model_type with a clear error, which beats
+# loading a "mixtral" whose missing weights it fills with random numbers. Only our loader reads this type.
+OWN_MOE_TYPE = "zts_moe"
+
+
+def mixtral_differences(c) -> list[str]:
+    """Why MixtralForCausalLM would not compute what this MoE config computes ([] = it would)."""
+    every_layer = c.moe_layers is None or sorted(set(c.moe_layers)) == list(range(c.num_hidden_layers))
+    checks = [
+        (c.n_shared_experts == 0, f"n_shared_experts={c.n_shared_experts}"),
+        (every_layer, f"moe_layers={c.moe_layers} (Mixtral: every layer)"),
+        (c.router == "softmax", f"router={c.router} (Mixtral: softmax)"),
+        (c.capacity_factor == 0, f"capacity_factor={c.capacity_factor} (Mixtral is dropless)"),
+    ]
+    return [why for ok, why in checks if not ok]
+
+
 # transformers' LlamaConfig defaults, used when a key is absent from an HF config.json.
 HF_DEFAULTS = {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_dropout": 0.0}
 
@@ -144,9 +165,10 @@ def config_to_hf(c, dtype=torch.float32) -> dict:
     if c.n_experts == 0:
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", intermediate_size=c.intermediate_size)
         return d
+    mixtral = not mixtral_differences(c)
     d.update(
-        architectures=["MixtralForCausalLM"],
-        model_type="mixtral",
+        architectures=["MixtralForCausalLM" if mixtral else "ZeroToScratchMoEForCausalLM"],
+        model_type="mixtral" if mixtral else OWN_MOE_TYPE,
         intermediate_size=c.moe_intermediate_size or c.intermediate_size,  # Mixtral: the width of one expert
         dense_intermediate_size=c.intermediate_size,  # ours: dense layers of a mixed model
         num_local_experts=c.n_experts,
@@ -163,7 +185,7 @@ def config_to_hf(c, dtype=torch.float32) -> dict:
 def config_from_hf(d: dict, **overrides):
     """config.json dict (ours or transformers') -> ModelConfig; unsupported architectures raise ValueError."""
     model_type = d.get("model_type")
-    if model_type not in ("llama", "mixtral"):
+    if model_type not in ("llama", "mixtral", OWN_MOE_TYPE):
         raise ValueError(
             f"unsupported architecture {d.get('architectures') or model_type}: only Llama and Mixtral load"
         )
@@ -182,7 +204,7 @@ def config_from_hf(d: dict, **overrides):
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
     kw["intermediate_size"] = d.get("intermediate_size", 11008)
-    if model_type == "mixtral":
+    if model_type in ("mixtral", OWN_MOE_TYPE):
         if d.get("sliding_window") and d["sliding_window"] < kw["max_position_embeddings"]:
             raise ValueError(f"unsupported Mixtral sliding_window={d['sliding_window']}")
         kw["intermediate_size"] = d.get("dense_intermediate_size", d["intermediate_size"])

@@ -399,3 +399,8 @@ def test_transformer_save_load_roundtrip_non_mixtral_variants(tmp_path, override
     idx = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(back(idx), ours(idx), rtol=0, atol=0)
+    # transformers must refuse it rather than load a Mixtral with missing weights filled at random.
+    from transformers import AutoConfig
+
+    with pytest.raises((ValueError, KeyError), match="zts_moe"):
+        AutoConfig.from_pretrained(tmp_path)
