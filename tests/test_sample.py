@@ -216,6 +216,43 @@ def test_hf_written_llama_dir_loads(ckpt, tmp_path, tiny_data_dir):
         torch.testing.assert_close(loaded(idx), hf(idx).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_hf_tokenizer_checkpoint_samples_and_chats_through_transformers(tmp_path):
+    """A checkpoint whose tokenizer is a transformers tokenizer.json (no tokenizer.model of ours) goes through
+    HFTokenizer: ids equal AutoTokenizer's, chat renders with the checkpoint's own template, EOS stops."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    raw = RawTokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"])
+    raw.train_from_iterator(["the cat sees the red ball", "a dog runs to the big red ball"], trainer=trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    hf_tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}" \
+                           "{% if add_generation_prompt %}assistant{% endif %}"  # fmt: skip
+    path = str(tmp_path / "hf_tok")
+    micro_model().save_pretrained(path)  # no tokenizer_dir: only transformers' files below
+    hf_tok.save_pretrained(path)
+    assert not os.path.exists(os.path.join(path, "tokenizer.model"))
+
+    model, tok = sample.load_for_inference(path, device="cpu")
+    assert isinstance(tok, sample.HFTokenizer) and tok.vocab_size == len(hf_tok)
+    text = "the red dog sees a ball"
+    assert tok.encode(text, bos=True) == [hf_tok.bos_token_id] + hf_tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(tok.encode(text)) == text
+    messages = [{"role": "user", "content": "the cat"}]
+    ids, mask = tok.render_chat(messages, add_generation_prompt=True)
+    assert ids == list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert sample.stop_ids_of(tok) == (hf_tok.eos_token_id,)  # no <|end|> marker in this tokenizer
+
+    cfg = sample.SampleConfig(checkpoint=path, prompt="the cat", temperature=0.0, max_new_tokens=5, device="cpu")
+    body = sample.main(cfg)[0]
+    new = sample.generate(model, [tok.encode("the cat", bos=True)], 5, temperature=0.0, stop_ids=(tok.eos_id,))[0]
+    assert body == sample.continuation(tok.decode, tok.encode("the cat", bos=True), new)
+
+
 def test_bad_checkpoints_are_one_line_errors(ckpt, tmp_path, capsys):
     with pytest.raises(UserError, match="no directory"):
         sample.load_for_inference(str(tmp_path / "missing"))
