@@ -398,12 +398,20 @@ class Transformer(nn.Module):
         return self.model.layers
 
     # ---- forward ----------------------------------------------------------------------------------------------------
-    def _layout(self, B, T, start_pos, attention_mask, kv_cache, device):
+    def _layout(self, B, T, start_pos, attention_mask, kv_cache, device, document_ids=None):
         """Positions, attention mask and causality flag for T new tokens written at slot start_pos.
 
         Returns (positions, mask, is_causal): positions None (shared start_pos + arange(T)) or (B, T);
         mask None or bool (B|1, 1, T, S), True = may attend.
         """
+        if document_ids is not None:  # packed rows: each document restarts at position 0 and sees only itself
+            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            mask = same & torch.ones(T, T, dtype=torch.bool, device=device).tril()  # causal within a document
+            starts = torch.ones_like(document_ids, dtype=torch.bool)
+            starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T) first token of each document
+            index = torch.arange(T, device=device).expand(B, T)
+            first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # (B, T) where my document began
+            return index - first, mask[:, None], False
         S = start_pos + T
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is not None:
@@ -443,18 +451,26 @@ class Transformer(nn.Module):
             cos, sin = rope_cos_sin(rope_inv_freq(self.config, seq_len, device=pos.device), pos)
         return cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)
 
-    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, start_pos=0, attention_mask=None):
+    def forward(
+        self, idx, targets=None, loss_reduction="mean", kv_cache=None, start_pos=0, attention_mask=None,
+        document_ids=None,
+    ):  # fmt: skip
         """idx (B, T) token ids -> logits (B, T, V), or with targets (B, T) the cross-entropy over targets != -1:
         loss_reduction "mean" (scalar), "sum" (scalar) or "none" ((B, T) per-token losses, 0 where ignored).
 
         kv_cache/start_pos: write this chunk's keys/values at slots [start_pos, start_pos + T) and attend to all
         slots before it (prefill with start_pos=0, then one token at a time). attention_mask (B, T): 1 real,
         0 padding (left-pad prompts of different lengths; the cache remembers the pads).
+        document_ids (B, T): several sequences packed into one row, each a run of equal ids; every token then
+        sees only earlier tokens of its own run, with positions counted from the run's start, so each packed
+        sequence gives exactly the logits it gives alone (training only: not with kv_cache).
         """
         B, T = idx.shape
         if kv_cache is not None and start_pos + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} tokens, asked to write up to {start_pos + T}")
-        positions, mask, is_causal = self._layout(B, T, start_pos, attention_mask, kv_cache, idx.device)
+        if document_ids is not None and (kv_cache is not None or attention_mask is not None):
+            raise ValueError("document_ids (packed rows) cannot be combined with kv_cache or attention_mask")
+        positions, mask, is_causal = self._layout(B, T, start_pos, attention_mask, kv_cache, idx.device, document_ids)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         # Under autocast q/k come out of the Linears in the autocast dtype: make cos/sin match once, not per layer.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -21,15 +21,16 @@ What it does
   by the number of target tokens in the whole step (over ranks too). Dividing each micro-batch's
   mean by `accum`, as pretraining does, would over-weight tokens in micro-batches with short answers.
 
-Padding, not packing (the key data choice)
-  Each micro-batch is right-padded to its longest example (capped at `seq_len`), pad targets -1.
-  With causal attention a real token only sees tokens to its left, so right padding never leaks
-  into real positions: the padded batch gives exactly the per-example losses (tests check this
-  against each example run alone). Packing several examples into one row would need a
-  block-diagonal mask or per-example position resets to avoid attention across examples; model.py
-  offers only a per-token padding mask (made for left-padded generation), and the built-in
-  examples are short and similar in length, so padding wastes little. For long, ragged datasets
-  (ultrachat) packing would save compute; that is the lever to add first if SFT speed matters.
+Padding, or packing (the key data choice)
+  By default each micro-batch is right-padded to its longest example (capped at `seq_len`), pad
+  targets -1. With causal attention a real token only sees tokens to its left, so right padding never
+  leaks into real positions: the padded batch gives exactly the per-example losses (tests check this
+  against each example run alone). On short, ragged chats much of that batch is padding. `pack=true`
+  packs the same micro-batch's examples into as few seq_len rows as first-fit decreasing finds and
+  passes model.forward a document id per token: attention is block-diagonal and positions restart per
+  example, so every example's loss is unchanged and the step's gradient equals the padded one (up to
+  float summation order); only the padding work goes. The batch still counts examples, not rows.
+  Packed rows carry a mask, so on GPU attention runs in SDPA's masked kernel, not the Triton one.
 
 Data order is a seeded permutation per epoch; its position (epoch, index) is plain ints saved
 with each checkpoint, so `resume=auto` continues bit-exactly (weights, optimizer, RNG, data).
@@ -102,6 +103,7 @@ class SFTConfig(tc.TrainConfig):
     dropout: float = 0.0  # dropout on attention and residual branches
     attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
+    pack: bool = False  # pack each micro-batch's conversations into fewer seq_len rows: same loss, less padding
     # SFT defaults differ from pretraining: fewer steps, short warmup, no weight decay on adapters.
     steps: int = 300  # optimizer steps in the whole run
     lr: float = 2e-4  # peak learning rate
@@ -204,6 +206,37 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
         x[row, : len(xs)] = torch.tensor(xs)
         y[row, : len(ys)] = torch.tensor(ys)
     return x, y
+
+
+def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int):
+    """Pack examples into rows of at most seq_len tokens: x (R, T), y (R, T), document_ids (R, T), R <= B.
+
+    First-fit decreasing (the longest example goes first, each into the first row with room). Each example
+    keeps its own run of document ids, so model.forward(document_ids=...) attends within it only and restarts
+    its positions: every example's loss is what it is unpacked, only fewer padding tokens are computed.
+    (Packing with a block-diagonal mask: Krell et al. 2021, "Efficient Sequence Packing without
+    Cross-contamination".) Rows are right-padded to the longest row; padding is a document of its own."""
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e[0])):
+        r = next((i for i, free in enumerate(room) if free >= len(ex[0])), None)
+        if r is None:
+            rows.append([]), room.append(seq_len)
+            r = len(rows) - 1
+        rows[r].append(ex)
+        room[r] -= len(ex[0])
+    T = seq_len - min(room)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    doc = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: padding
+    for i, row in enumerate(rows):
+        t = 0
+        for j, (xs, ys) in enumerate(row):
+            x[i, t : t + len(xs)] = torch.tensor(xs)
+            y[i, t : t + len(ys)] = torch.tensor(ys)
+            doc[i, t : t + len(xs)] = j  # the j-th example of this row
+            t += len(xs)
+    return x, y, doc
 
 
 class ExampleSampler:
@@ -403,19 +436,24 @@ def main(cfg: SFTConfig) -> None:
         # This rank's share of the global batch (the order does not depend on world size), in micro-batches.
         mine = sampler.take(cfg.batch_size)[run.rank :: run.world_size]
         mb = cfg.micro_batch_size
-        batches = [collate([train[i] for i in mine[m * mb : (m + 1) * mb]], tokenizer.pad_id) for m in range(run.accum)]
+        chunks = [[train[i] for i in mine[m * mb : (m + 1) * mb]] for m in range(run.accum)]
+        if cfg.pack:
+            batches = [pack(chunk, tokenizer.pad_id, cfg.seq_len) for chunk in chunks]
+        else:
+            batches = [(*collate(chunk, tokenizer.pad_id), None) for chunk in chunks]
         # Normalize by the target tokens of the whole step on all ranks; DDP averages gradients over ranks,
         # so each rank divides by the mean count: the result is sum(token losses) / count(all tokens).
-        counts = [sum(int((y != -1).sum()) for _, y in batches), sum(x.numel() for x, _ in batches)]
+        counts = [sum(int((y != -1).sum()) for _, y, _ in batches), sum(x.numel() for x, _, _ in batches)]
         n_targets, n_rows = tc.all_reduce_mean(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
         denom = max(n_targets, 1.0)
         sampler.tokens += round(n_rows * run.world_size)  # padded tokens processed, all ranks
         loss_sum = torch.zeros((), device=device)  # summed on device: no host sync until logging
-        for micro, (x, y) in enumerate(batches):
+        for micro, (x, y, doc) in enumerate(batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
+            doc = doc.to(device, non_blocking=True) if doc is not None else None  # (B, T) packed rows, or None
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
-                    loss = step_model(x, y, loss_reduction="sum") / denom
+                    loss = step_model(x, y, loss_reduction="sum", document_ids=doc) / denom
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per assistant token over the global batch

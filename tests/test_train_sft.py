@@ -113,6 +113,37 @@ def test_padded_batch_gives_each_example_its_own_loss(tiny_data_dir):
             assert (batch[row, len(xs) :] == 0).all()
 
 
+def test_packed_rows_give_each_example_its_own_loss(tiny_data_dir):
+    """pack(): every example lands whole in one row of <= seq_len tokens, fewer rows than examples, and the
+    block-diagonal forward gives each example the per-token losses it has alone (fp32)."""
+    tok = Tokenizer(tiny_data_dir)
+    rows = [json.loads(line) for line in open(f"{tiny_data_dir}/sft_train.jsonl")][:12]
+    examples = [train_sft.render_example(tok, r["messages"], seq_len=96) for r in rows]
+    x, y, doc = train_sft.pack(examples, tok.pad_id, seq_len=96)
+    assert x.shape[0] < len(examples) and x.shape[1] <= 96
+    assert int((y != -1).sum()) == sum(sum(t != -1 for t in ys) for _, ys in examples)  # no target lost or added
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**load_yaml(MICRO_MODEL))).eval()
+    model.init_weights()
+    found = 0
+    with torch.no_grad():
+        packed = model(x, y, loss_reduction="none", document_ids=doc)  # (R, T)
+        for r in range(x.shape[0]):
+            for d in doc[r].unique().tolist():
+                if d == -1:
+                    assert (y[r][doc[r] == -1] == -1).all()  # padding learns nothing
+                    continue
+                span = (doc[r] == d).nonzero().flatten()
+                xs = x[r, span].tolist()
+                ys = y[r, span]
+                match = [e for e in examples if e[0] == xs]
+                assert match and ys.tolist() == match[0][1]  # the example, contiguous and whole
+                alone = model(torch.tensor([xs]), ys[None], loss_reduction="none")[0]
+                torch.testing.assert_close(packed[r, span], alone, rtol=1e-5, atol=1e-6)
+                found += 1
+    assert found == len(examples)
+
+
 def test_sampler_covers_each_epoch_and_resumes_exactly():
     s = train_sft.ExampleSampler(10, seed=3)
     first = s.take(7) + s.take(7) + s.take(6)  # two epochs, crossing the boundary mid-take
@@ -203,6 +234,22 @@ def test_accumulation_equals_one_big_batch(tiny_data_dir, micro_base, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
     la, lb = train_losses(big), train_losses(acc)
     assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+
+
+def test_packing_trains_like_padding(tiny_data_dir, micro_base, tmp_path):
+    """pack=true computes the same token-weighted loss on the same examples as padding: equal losses and
+    weights after 3 full fine-tuning steps, up to summation order (fp32, atol 1e-5 as for accumulation)."""
+    padded, packed = str(tmp_path / "padded"), str(tmp_path / "packed")
+    run_inprocess(sft_args(tiny_data_dir, micro_base, padded, finetune="full", steps=3))
+    run_inprocess(sft_args(tiny_data_dir, micro_base, packed, finetune="full", steps=3, pack="true"))
+    a, b = load_file(os.path.join(padded, "model.safetensors")), load_file(os.path.join(packed, "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+    la, lb = train_losses(padded), train_losses(packed)
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+    # and it did pack: fewer tokens processed for the same examples
+    tokens = [max(r.get("tokens", 0) for r in log_rows(out)) for out in (packed, padded)]
+    assert 0 < tokens[0] < tokens[1], tokens
 
 
 def test_exact_resume_in_a_new_process(tiny_data_dir, micro_base, tmp_path):
