@@ -70,7 +70,7 @@ def drift(en: str, zh: str) -> list[str]:
     """Human-readable differences between the two READMEs' code and table structure (empty: in sync)."""
     problems = []
     en_blocks, zh_blocks = split_fences(en)[0], split_fences(zh)[0]
-    for n, (a, b) in enumerate(zip(en_blocks, zh_blocks), 1):
+    for n, (a, b) in enumerate(zip(en_blocks, zh_blocks, strict=False), 1):  # unequal counts are reported below
         if a != b:
             problems.append(f"code block {n} differs:\n--- README.md\n{a}\n--- README_zh.md\n{b}")
     if len(en_blocks) != len(zh_blocks):
@@ -78,7 +78,7 @@ def drift(en: str, zh: str) -> list[str]:
     en_tables, zh_tables = tables(en), tables(zh)
     if len(en_tables) != len(zh_tables):
         problems.append(f"README.md has {len(en_tables)} tables, README_zh.md {len(zh_tables)}")
-    for n, (a, b) in enumerate(zip(en_tables, zh_tables), 1):
+    for n, (a, b) in enumerate(zip(en_tables, zh_tables, strict=False), 1):
         if a != b or -1 in a or -1 in b:
             problems.append(f"table {n}: README.md (rows, cols) = {a}, README_zh.md = {b}")
     return problems
