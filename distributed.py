@@ -295,6 +295,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> nn.Module:
     """Move the model to this rank's device and wrap it for `parallel` (none | ddp | fsdp | torch_ddp | torch_fsdp2).
+    A model built on the meta device is initialized here (model.init_weights / init_parameter), in fsdp unit by unit.
 
     ddp opts: bucket_mb, find_unused_parameters, broadcast_buffers. fsdp opts: mixed_precision (bf16 compute, fp32
     master shard), prefetch, zero2 (keep gathered parameters from forward to backward). torch_fsdp2 opts:
@@ -302,6 +303,19 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
+    if any(p.is_meta for p in model.parameters()):
+        # Built on the meta device (shapes only): initialize here. fsdp materializes one unit at a time, so no
+        # rank ever holds the whole model; the other modes need it whole anyway. Same weights either way.
+        if parallel == "fsdp":
+            for m in model.modules():
+                for key, buf in m._buffers.items():
+                    if buf is not None and buf.is_meta:
+                        m._buffers[key] = torch.empty_like(buf, device=dist_info.device)
+            model.init_non_parameters()  # RoPE tables, MoE router state, the tied head
+            return fsdp_lib.FSDP(model, transformer_blocks(model), device=dist_info.device,
+                                 init_parameter=model.init_parameter, **opts)  # fmt: skip
+        model.to_empty(device=dist_info.device)
+        model.init_weights()
     model = model.to(dist_info.device)
     if parallel == "none":
         return model

@@ -221,6 +221,32 @@ def _tensors(x):
     return []
 
 
+@torch.no_grad()
+def _units_from_meta(module, root_slots, block_slots, make_unit, device, init_parameter):
+    """Build the block units of a meta-device module without ever holding all of its parameters.
+
+    Parameters are created on `device` and initialized one at a time in named_parameters() order, the order
+    Transformer.init_weights uses, so the weights equal an unsharded init from the same seed. Rank 0's values are
+    broadcast anyway (ranks' RNGs need not agree). As soon as a block's last parameter is ready the block is
+    flattened and sharded, and its full parameters are dropped: at most the root's parameters (embeddings, head)
+    and one block are ever whole. Returns (block units, the root's slots with its materialized parameters)."""
+    owner = {id(p): i for i, slots in enumerate(block_slots) for p, _ in slots}  # parameter -> its block
+    left = [len(slots) for slots in block_slots]  # parameters not yet materialized, per block
+    real = {}  # id(meta parameter) -> the materialized one, until its unit takes it
+    units = [None] * len(block_slots)
+    for name, p in list(module.named_parameters()):  # tied ones appear once, under their first name
+        t = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+        init_parameter(name, t)
+        dist.broadcast(t, src=0)
+        real[id(p)] = t
+        i = owner.get(id(p))
+        if i is not None:
+            left[i] -= 1
+            if left[i] == 0:
+                units[i] = make_unit(i, [(real.pop(id(q)), slots) for q, slots in block_slots[i]])
+    return units, [(real.pop(id(q)), slots) for q, slots in root_slots]
+
+
 class FSDP(nn.Module):
     """Shard `module` into one unit per entry of `blocks` plus a root unit (see the module docstring).
 
@@ -230,13 +256,17 @@ class FSDP(nn.Module):
     """
 
     def __init__(self, module: nn.Module, blocks: list[nn.Module], mixed_precision: bool = False,
-                 prefetch: bool = True, zero2: bool = False):  # fmt: skip
+                 prefetch: bool = True, zero2: bool = False, device=None, init_parameter=None):  # fmt: skip
         super().__init__()
         if not dist.is_initialized():
             raise ValueError("FSDP needs a process group; call init_distributed() first")
+        meta = any(p.is_meta for p in module.parameters())
+        if meta and (init_parameter is None or device is None):
+            raise ValueError("a meta-device module needs device= and init_parameter=(name, tensor) to materialize it")
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t, src=0)
+                if not t.is_meta:
+                    dist.broadcast(t, src=0)
         self.module = module
         self.prefetch = prefetch
         master = torch.float32 if mixed_precision else next(module.parameters()).dtype
@@ -260,7 +290,16 @@ class FSDP(nn.Module):
 
         block_ids = {id(b) for b in blocks}
         root_slots = slots_of(module, block_ids)  # before blocks lose their parameters
-        self.units = [_Unit(b, slots_of(b, set()), compute, master, not zero2, prefetch) for b in blocks]
+        block_slots = [slots_of(b, set()) for b in blocks]
+
+        def make_unit(i, slots):
+            return _Unit(blocks[i], slots, compute, master, not zero2, prefetch)
+
+        if meta:  # materialize and initialize unit by unit; each is sharded before the next one exists
+            built = _units_from_meta(module, root_slots, block_slots, make_unit, device, init_parameter)
+            self.units, root_slots = built
+        else:
+            self.units = [make_unit(i, slots) for i, slots in enumerate(block_slots)]
         # The root is used at both ends of the forward, so it stays gathered until its backward (as in FSDP2).
         self.root = _Unit(module, root_slots, compute, master, False, prefetch)
         for a, b in zip(self.units, self.units[1:], strict=False):
@@ -322,17 +361,21 @@ class FSDP(nn.Module):
         return sd
 
     @torch.no_grad()
-    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]):
-        """Each rank copies its slice out of a full state dict (saved at any world size)."""
+    def load_full_state_dict(self, state_dict):
+        """Each rank copies its slice out of a full state dict (saved at any world size). Any mapping works: a
+        hf_checkpoint.LazyStateDict reads each tensor from disk when asked, so only one unit is ever whole here."""
         param_keys = set()
         for g in self._groups():
             parts = []
-            for slots in g.slots:
+            for slots, shape in zip(g.slots, g.shapes, strict=True):
                 key = slots[0][2]
                 if key not in state_dict:
                     raise ValueError(f"state dict has no parameter {key!r}")
-                parts.append(state_dict[key].reshape(-1).to(g.shard))
+                t = state_dict[key]
+                if t.shape != shape:
+                    raise ValueError(f"{key}: the state dict has shape {tuple(t.shape)}, the model {tuple(shape)}")
+                parts.append(t.reshape(-1).to(g.shard))
                 param_keys.update(fqn for _, _, fqn in slots)
             flat = torch.cat(parts + [g.shard.new_zeros(g.pad)])
             g.shard.copy_(flat[g.rank * g.shard_numel : (g.rank + 1) * g.shard_numel])
-        self.module.load_state_dict({k: v for k, v in state_dict.items() if k not in param_keys})
+        self.module.load_state_dict({k: state_dict[k] for k in state_dict.keys() if k not in param_keys})

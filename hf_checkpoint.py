@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 
 import torch
 
@@ -222,20 +223,24 @@ def config_from_hf(d: dict, **overrides):
     return ModelConfig(**kw)
 
 
+def _safetensors_files(path: str) -> list[str]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        raise ValueError(f"{path!r} has only pickle weights (pytorch_model.bin); convert them to safetensors first")
+    raise ValueError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+
+
 def _read_safetensors(path: str, dtype, device) -> dict:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json, cast one by one."""
     from safetensors import SafetensorError, safe_open
 
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        raise ValueError(f"{path!r} has only pickle weights (pytorch_model.bin); convert them to safetensors first")
-    else:
-        raise ValueError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+    files = _safetensors_files(path)
     sd = {}
     for file in files:
         if not os.path.isfile(file):
@@ -248,6 +253,55 @@ def _read_safetensors(path: str, dtype, device) -> dict:
         except SafetensorError as e:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupted?): {e}") from None
     return sd
+
+
+class LazyStateDict(Mapping):
+    """A checkpoint dir's weights under our model's names, each read from disk only when looked up.
+
+    For sharded loading: FSDP.load_full_state_dict takes one tensor at a time and keeps only its slice, so no
+    rank ever holds the whole checkpoint (a 70B model's fp32 state dict is 280 GB). Mixtral's per-expert tensors
+    are stacked into our (E, F, C) layout on access. A tied head has no entry: it is the embedding."""
+
+    def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
+        import moe  # the per-expert key pattern lives with the layout it converts
+
+        self._file, self._parts = {}, {}  # file key -> file; our key -> file keys (several: stacked experts)
+        for file in _safetensors_files(path):
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    self._file.update(dict.fromkeys(f.keys(), file))
+            except (SafetensorError, FileNotFoundError) as e:
+                raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+        experts = {}
+        for key in self._file:
+            m = moe._PER_EXPERT.match(key)
+            if m is not None:
+                prefix, j, name = m.groups()
+                experts.setdefault(f"{prefix}.block_sparse_moe.{name}", {})[int(j)] = key
+            elif not key.endswith("rotary_emb.inv_freq"):
+                self._parts[key] = key
+        for key, by_index in experts.items():
+            if sorted(by_index) != list(range(len(by_index))):
+                raise ValueError(f"{key}: expert indices are not 0..E-1: {sorted(by_index)}")
+            self._parts[key] = [by_index[j] for j in range(len(by_index))]
+
+    def _read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._file[key], framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        parts = self._parts[key]
+        return self._read(parts) if isinstance(parts, str) else torch.stack([self._read(k) for k in parts])
+
+    def __iter__(self):
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
 
 
 def _write_json(obj, path):

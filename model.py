@@ -369,29 +369,35 @@ class Transformer(nn.Module):
     def init_weights(self):
         """Normal(0, initializer_range) for matrices, ones for norms; residual output projections (o_proj,
         down_proj, experts' w2) get std / sqrt(2 L) so the residual stream's variance does not grow with depth
-        (GPT-2 paper section 2.3; nanoGPT's c_proj init). Also rebuilds RoPE tables and ties weights."""
+        (GPT-2 paper section 2.3; nanoGPT's c_proj init). Also rebuilds RoPE tables and ties weights.
+
+        One parameter at a time in named_parameters() order, each by its name alone: a sharded wrapper
+        (fsdp.py) that materializes a meta-device model unit by unit calls init_parameter in the same order
+        and so draws exactly these weights without ever holding the whole model."""
+        self.init_non_parameters()
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_non_parameters(self):
+        """Everything init sets besides the parameters: tied head, RoPE tables, MoE router state (zeros)."""
         self.tie_weights()
         self.init_rope()
-        std = self.config.initializer_range
-        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        done = set()  # parameters a MoE layer initialized itself
         for block in self.model.layers:
             moe_ffn = getattr(block, "block_sparse_moe", None)
-            if moe_ffn is not None and hasattr(moe_ffn, "init_weights"):
-                moe_ffn.init_weights(std, residual_std)  # moe.py knows its own parameters and buffers best
-                done |= {id(p) for p in moe_ffn.parameters()}
-            elif moe_ffn is not None:
-                for buf in moe_ffn.buffers():
-                    buf.zero_()  # e.g. the sigmoid router's expert_bias starts at 0 (to_empty leaves garbage)
-        for name, p in self.named_parameters():
-            if id(p) in done:
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", ".w2", ".w2.weight")):
-                p.normal_(0.0, residual_std)
-            else:
-                p.normal_(0.0, std)
+            for buf in moe_ffn.buffers() if moe_ffn is not None else ():
+                buf.zero_()  # e.g. the sigmoid router's expert_bias starts at 0 (to_empty leaves garbage)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """Initialize one parameter (named as in named_parameters()) in place."""
+        std = self.config.initializer_range
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight", ".w2", ".w2.weight")):
+            p.normal_(0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+        else:
+            p.normal_(0.0, std)
 
     def blocks(self) -> nn.ModuleList:
         """The Transformer blocks, in order (the units FSDP shards and checkpointing recomputes)."""

@@ -31,6 +31,7 @@ import torch
 
 import train_common as tc
 from config import UserError, run_cli
+from hf_checkpoint import LazyStateDict
 from model import ModelConfig, Transformer
 from prepare_data import TokenStream
 from tokenizer import Tokenizer
@@ -131,10 +132,8 @@ def main(cfg: PretrainConfig) -> None:
                 f"init_from: model vocab {raw_model.config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}"
             )
     else:
-        with torch.device("meta"):
-            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, device))  # shapes only
-        raw_model.to_empty(device=device)
-        raw_model.init_weights()
+        with torch.device("meta"):  # shapes only; run.prepare initializes it (under fsdp one block at a time)
+            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, device))
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
     peak = cfg.peak_flops or tc.guess_peak_flops(device, run.dtype)
     run.print(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
@@ -142,7 +141,11 @@ def main(cfg: PretrainConfig) -> None:
     step_model = torch.compile(model) if cfg.compile else model  # `raw_model` keeps the uncompiled weights
 
     def load_weights(ckpt: str) -> None:
-        run.du.load_full_state_dict(model, Transformer.from_pretrained(ckpt, device=device).state_dict())
+        if cfg.parallel == "fsdp":  # tensor by tensor from disk, each rank keeping its slice: never the whole model
+            state = LazyStateDict(ckpt)
+        else:
+            state = Transformer.from_pretrained(ckpt, device=device).state_dict()
+        run.du.load_full_state_dict(model, state)
 
     def write_weights(path: str, full_state=None) -> None:
         extra = {"state_dict": full_state} if full_state is not None else {}

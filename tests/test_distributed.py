@@ -237,6 +237,62 @@ def test_moe_under_ddp_and_fsdp():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# meta-device initialization
+# ---------------------------------------------------------------------------------------------------------------------
+def meta_model(cfg, seed):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _meta_worker(info):
+    import weakref
+
+    from fsdp import FSDP
+
+    dense = tiny_config(num_hidden_layers=4)
+    sigmoid_moe = tiny_config(n_experts=4, top_k=2, moe_intermediate_size=16, tie_word_embeddings=False,
+                              router="sigmoid_bias")  # fmt: skip
+    for cfg in (dense, sigmoid_moe):
+        # The unsharded path: the whole model materialized, then init_weights (what a single process does).
+        ref = meta_model(cfg, seed=3)
+        ref.to_empty(device="cpu")
+        ref.init_weights()
+        for mode in ("fsdp", "ddp"):
+            wrapped = distributed.wrap_model(meta_model(cfg, seed=3), mode, info)
+            sd = distributed.full_state_dict(wrapped)
+            want = ref.state_dict()
+            assert sd.keys() == want.keys(), (mode, sorted(set(sd) ^ set(want)))
+            for k in want:
+                assert torch.equal(sd[k], want[k]), (mode, k)  # bit for bit: same draws in the same order
+            x = torch.randint(0, cfg.vocab_size, (2, 9))
+            with torch.no_grad():
+                torch.testing.assert_close(wrapped(x), ref(x), rtol=1e-5, atol=1e-6)
+
+    # Never whole: while a meta model is sharded, at most the root's parameters and one block are materialized.
+    model = meta_model(dense, seed=3)
+    for m in model.modules():
+        for key, buf in m._buffers.items():
+            m._buffers[key] = torch.empty_like(buf, device="cpu")
+    model.init_non_parameters()
+    alive, peak = [], [0]
+
+    def counting_init(name, t):
+        model.init_parameter(name, t)
+        alive.append(weakref.ref(t))
+        peak[0] = max(peak[0], sum(r().numel() for r in alive if r() is not None))
+
+    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    FSDP(model, list(model.model.layers), device=torch.device("cpu"), init_parameter=counting_init)
+    assert root + block >= peak[0] > block and peak[0] < root + 4 * block, (peak[0], root, block)
+
+
+def test_meta_device_model_is_initialized_unit_by_unit_with_the_same_weights():
+    spawn(_meta_worker)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 def _ckpt_worker(info, tmp):

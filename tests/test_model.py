@@ -92,6 +92,25 @@ def test_hf_save_our_load_same_logits_sharded(tmp_path):
         torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_lazy_state_dict_reads_what_from_pretrained_loads(tmp_path):
+    """hf_checkpoint.LazyStateDict (sharded loading reads one tensor at a time) against from_pretrained's full
+    state dict: a sharded HF Llama dir, and our Mixtral-layout MoE dir whose per-expert tensors it must stack."""
+    from hf_checkpoint import LazyStateDict
+
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama", max_shard_size="40KB")
+    make_model(n_experts=4, top_k=2, moe_intermediate_size=16).save_pretrained(tmp_path / "moe")
+    for path in (tmp_path / "llama", tmp_path / "moe"):
+        full = {k: v for k, v in Transformer.from_pretrained(str(path)).state_dict().items() if "rope" not in k}
+        lazy = LazyStateDict(str(path))
+        tied = Transformer.from_pretrained(str(path)).config.tie_word_embeddings
+        assert set(lazy) == set(full) - ({"lm_head.weight"} if tied else set()), sorted(set(lazy) ^ set(full))
+        for k in lazy:
+            assert torch.equal(lazy[k], full[k]), k
+
+
 def test_left_padded_batch_matches_hf_attention_mask(tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path)
