@@ -19,11 +19,17 @@ The fp32 master weights are the "params" column; with mixed_precision=false noth
 gathered units are fp32. `tests/test_distributed.py` checks params + grads + optimizer against bytes measured on a
 small model at world size 2.
 
-Activations are an estimate from counting what autograd saves per token and layer in our Transformer (bf16):
-RMSNorm input and output (2C), q (C), k, v (2 C_kv), attention output (C), residual (C), second norm in/out (2C), and
-SwiGLU's gate, up, silu(gate) and product (4F); MoE layers save K copies of the expert side (4 K F_e + 2 K C). The
-head adds the logits in bf16 and fp32 for the loss (6 V per token). Activation checkpointing keeps only each
-block's input (C per token and layer) plus one block's full set during its recompute (Chen et al. 2016).
+Activations are counted from what autograd saves per token and layer in our Transformer, in one of three regimes:
+fp32; bf16 autocast over fp32 weights (ddp: the residual stream stays fp32, and autocast casts a Linear's input once
+per Linear that reads it); bf16 weights (our fsdp/zero2 with mixed precision gather bf16, so the stream is bf16).
+Per layer: two RMSNorms keep their fp32 input and rstd plus the normalized output; q, k, v after RoPE, the attention
+output and its fp32 log-sum-exp per head; the inputs of q/k/v and gate/up (one copy each, or one per Linear under
+autocast); SwiGLU's gate, up, silu(gate) and product (4F). MoE layers keep, per routed slot, the gathered token,
+4 F_e expert activations and the weighted output, plus int64 slot indices and the fp32 router outputs; shared
+experts add a SwiGLU. The head keeps the final norm, the head input and the fp32 log-softmax (4 V bytes per token).
+Activation checkpointing keeps each block's input (the stream dtype) plus one block's full set during its recompute
+(Chen et al. 2016). tests/test_distributed.py::test_planner_activations_match_what_autograd_saves measures all of
+it with saved-tensor hooks on CPU.
 """
 
 from __future__ import annotations
@@ -47,17 +53,36 @@ def _load_config(path_or_cfg):
     return ModelConfig(**values)
 
 
-def activation_bytes_per_token_layer(cfg, layer: int, dtype_bytes: int) -> float:
+def _regime(mode: str, mixed_precision: bool) -> tuple[int, int, bool]:
+    """(compute bytes, residual-stream bytes, autocast casts each Linear input) for one parallel mode."""
+    if not mixed_precision:
+        return 4, 4, False
+    return (2, 4, True) if mode == "ddp" else (2, 2, False)  # ddp: autocast over fp32; fsdp/zero2: bf16 weights
+
+
+def activation_bytes_per_token_layer(cfg, layer: int, dtype_bytes: int, stream_bytes: int | None = None,
+                                     casts: bool = False) -> float:  # fmt: skip
     """Bytes autograd keeps for one token in block `layer` (see the module docstring for the list)."""
-    C, F = cfg.hidden_size, cfg.intermediate_size
+    c, r = dtype_bytes, stream_bytes or dtype_bytes
+    C, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     C_kv = cfg.num_key_value_heads * cfg.head_dim
-    attn = 7 * C + 2 * C_kv  # two norms in/out (4C), q, attention output, residual (3C), k and v
+    norms = 2 * (4 * C + 4 + r * C)  # fp32 input + rstd, normalized output in the stream dtype
+    attn = (3 if casts else 1) * c * C + c * (2 * C + 2 * C_kv) + 4 * H  # inputs; q, k, v, output; log-sum-exp
     if cfg.is_moe_layer(layer):
+        K, E = cfg.top_k, cfg.n_experts
         F_e = cfg.moe_intermediate_size or F
-        ffn = cfg.top_k * (4 * F_e + 2 * C) + cfg.n_experts + cfg.n_shared_experts * 4 * F_e
+        ffn = (2 if casts else 1) * c * C + c * K * (4 * F_e + 3 * C) + 16 * K + 12 * E  # + indices, router
+        if cfg.n_shared_experts:
+            ffn += (2 if casts else 0) * c * C + 4 * c * cfg.n_shared_experts * F_e
     else:
-        ffn = 4 * F
-    return (attn + ffn) * dtype_bytes
+        ffn = (2 if casts else 1) * c * C + 4 * c * F
+    return norms + attn + ffn
+
+
+def head_bytes_per_token(cfg, dtype_bytes: int, stream_bytes: int | None = None) -> float:
+    """Final norm, the head's input, the fp32 log-softmax of the logits, token ids and targets."""
+    C, r = cfg.hidden_size, stream_bytes or dtype_bytes
+    return 4 * C + 4 + r * C + dtype_bytes * C + 4 * cfg.vocab_size + 16
 
 
 def plan(cfg, world_size: int, seq_len: int | None = None, micro_batch: int = 1, mixed_precision: bool = True,
@@ -81,10 +106,14 @@ def plan(cfg, world_size: int, seq_len: int | None = None, micro_batch: int = 1,
     compute_bytes = 2 if mixed_precision else 4
     tokens = micro_batch * T
 
-    per_layer = [activation_bytes_per_token_layer(cfg, i, compute_bytes) for i in range(cfg.num_hidden_layers)]
-    head = cfg.vocab_size * (compute_bytes + 4) + cfg.hidden_size * compute_bytes  # logits (+ fp32 copy), final norm
-    act_full = tokens * (sum(per_layer) + head)
-    act_ckpt = tokens * (cfg.num_hidden_layers * cfg.hidden_size * compute_bytes + max(per_layer) + head)
+    def activations(mode: str) -> tuple[float, float]:
+        """(without, with activation checkpointing) for one micro-batch."""
+        c, r, casts = _regime(mode, mixed_precision)
+        per_layer = [activation_bytes_per_token_layer(cfg, i, c, r, casts) for i in range(cfg.num_hidden_layers)]
+        head = head_bytes_per_token(cfg, c, r)
+        full = tokens * (sum(per_layer) + head)
+        ckpt = tokens * (cfg.num_hidden_layers * cfg.hidden_size * r + max(per_layer) + head)
+        return full, ckpt
 
     # What is gathered (full, in compute dtype) while a step runs, beyond the persistent state.
     largest_block = max(block_sizes) if block_sizes else 0
@@ -99,7 +128,7 @@ def plan(cfg, world_size: int, seq_len: int | None = None, micro_batch: int = 1,
         state = {"params": 4 * n / shard, "grads": 4 * n / shard, "optimizer": 8 * n / shard}
         # A sharded mode still holds one unit's full gradient before the reduce-scatter.
         state["gathered"] = gathered[mode] + (0 if mode == "ddp" else largest_block * compute_bytes)
-        for suffix, act in (("", act_full), ("+ckpt", act_ckpt)):
+        for suffix, act in zip(("", "+ckpt"), activations(mode), strict=True):
             entry = dict(state, activations=act)
             entry["total"] = sum(entry.values())
             memory[mode + suffix] = entry
