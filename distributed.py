@@ -303,9 +303,11 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
-    if any(p.is_meta for p in model.parameters()):
+    meta = any(p.is_meta for p in model.parameters())
+    if meta and parallel != "torch_fsdp2":
         # Built on the meta device (shapes only): initialize here. fsdp materializes one unit at a time, so no
-        # rank ever holds the whole model; the other modes need it whole anyway. Same weights either way.
+        # rank ever holds the whole model (torch_fsdp2 below shards first, then fills its shards); ddp needs it
+        # whole anyway. The same weights every way.
         if parallel == "fsdp":
             for m in model.modules():
                 for key, buf in m._buffers.items():
@@ -316,7 +318,8 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
                                  init_parameter=model.init_parameter, **opts)  # fmt: skip
         model.to_empty(device=dist_info.device)
         model.init_weights()
-    model = model.to(dist_info.device)
+    if not meta:
+        model = model.to(dist_info.device)
     if parallel == "none":
         return model
     if parallel == "ddp":
@@ -331,13 +334,31 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
     # torch_fsdp2: rank 0's weights first (fully_shard slices what each rank holds), then one unit per block + root.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    DDP._broadcast_from_rank0(list(model.parameters()) + list(model.buffers()))
+    if not meta:
+        DDP._broadcast_from_rank0(list(model.parameters()) + list(model.buffers()))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if opts.pop("mixed_precision", False) else {}
     for block in transformer_blocks(model):
         fully_shard(block, **kw, **opts)
     fully_shard(model, **kw, **opts)
+    if meta:
+        _init_fully_sharded(model, dist_info.device)
     return model
+
+
+@torch.no_grad()
+def _init_fully_sharded(model: nn.Module, device: torch.device) -> None:
+    """Fill a meta model that fully_shard has sharded: to_empty() allocates only this rank's shards (PyTorch's
+    meta-device recipe for FSDP2), then each parameter is drawn whole, one at a time, in init_weights' order, from
+    rank 0, and each rank keeps its shard. One parameter is ever whole; the weights equal a single process's."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model.to_empty(device=device)
+    model.init_non_parameters()  # RoPE tables, MoE router state, the tied head
+    for name, p in model.named_parameters():
+        full = torch.empty(p.shape, dtype=p.dtype, device=device)
+        model.init_parameter(name, full)
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=0))
 
 
 def maybe_no_sync(model: nn.Module, skip_sync: bool):

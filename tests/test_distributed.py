@@ -258,7 +258,7 @@ def _meta_worker(info):
         ref = meta_model(cfg, seed=3)
         ref.to_empty(device="cpu")
         ref.init_weights()
-        for mode in ("fsdp", "ddp"):
+        for mode in ("fsdp", "ddp", "torch_fsdp2"):
             wrapped = distributed.wrap_model(meta_model(cfg, seed=3), mode, info)
             sd = distributed.full_state_dict(wrapped)
             want = ref.state_dict()
