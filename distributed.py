@@ -399,14 +399,30 @@ def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, tor
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]):
-    """Load a full (gathered) state dict into any wrapped model; each FSDP rank keeps only its slice."""
+def load_full_state_dict(model: nn.Module, state_dict):
+    """Load a full (gathered) state dict into any wrapped model; each FSDP rank keeps only its slice. Under fsdp and
+    torch_fsdp2 any mapping works, read one tensor at a time (hf_checkpoint.LazyStateDict: never the whole model)."""
     if isinstance(model, fsdp_lib.FSDP):
         return model.load_full_state_dict(state_dict)
     if _is_fully_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import distribute_tensor
 
-        return set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+        for m in model.modules():  # after a forward the root keeps its full parameters; put the shards back first
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # a tied head appears once, as the embedding
+                if name not in state_dict:
+                    raise ValueError(f"state dict has no parameter {name!r}")
+                full = state_dict[name].to(device=p.device, dtype=p.dtype)
+                if full.shape != p.shape:
+                    raise ValueError(f"{name}: the state dict has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+            for name, buf in model.named_buffers():  # persistent buffers (the sigmoid router's bias) are not sharded
+                if name in state_dict:
+                    buf.copy_(state_dict[name])
+        return None
     unwrap(model).load_state_dict(state_dict)
 
 

@@ -141,7 +141,7 @@ def main(cfg: PretrainConfig) -> None:
     step_model = torch.compile(model) if cfg.compile else model  # `raw_model` keeps the uncompiled weights
 
     def load_weights(ckpt: str) -> None:
-        if cfg.parallel == "fsdp":  # tensor by tensor from disk, each rank keeping its slice: never the whole model
+        if cfg.parallel in ("fsdp", "torch_fsdp2"):  # tensor by tensor from disk, each rank keeps its slice
             state = LazyStateDict(ckpt)
         else:
             state = Transformer.from_pretrained(ckpt, device=device).state_dict()

@@ -245,10 +245,11 @@ def meta_model(cfg, seed):
         return Transformer(cfg)
 
 
-def _meta_worker(info):
+def _meta_worker(info, tmp):
     import weakref
 
     from fsdp import FSDP
+    from hf_checkpoint import LazyStateDict
 
     dense = tiny_config(num_hidden_layers=4)
     sigmoid_moe = tiny_config(n_experts=4, top_k=2, moe_intermediate_size=16, tie_word_embeddings=False,
@@ -268,6 +269,19 @@ def _meta_worker(info):
             x = torch.randint(0, cfg.vocab_size, (2, 9))
             with torch.no_grad():
                 torch.testing.assert_close(wrapped(x), ref(x), rtol=1e-5, atol=1e-6)
+            if mode == "ddp":
+                continue
+            # Sharded resume: other weights read from a checkpoint dir one tensor at a time, each rank keeping a slice.
+            other = meta_model(cfg, seed=4)
+            other.to_empty(device="cpu")
+            other.init_weights()
+            ckpt = os.path.join(tmp, f"other_{cfg.n_experts}")
+            if info.rank == 0 and not os.path.isdir(ckpt):
+                other.save_pretrained(ckpt)
+            torch.distributed.barrier()
+            distributed.load_full_state_dict(wrapped, LazyStateDict(ckpt))
+            got, want = distributed.full_state_dict(wrapped), other.state_dict()
+            assert all(torch.equal(got[k], want[k]) for k in want), mode
 
     # Never whole: while a meta model is sharded, at most the root's parameters and one block are materialized.
     model = meta_model(dense, seed=3)
@@ -288,8 +302,8 @@ def _meta_worker(info):
     assert root + block >= peak[0] > block and peak[0] < root + 4 * block, (peak[0], root, block)
 
 
-def test_meta_device_model_is_initialized_unit_by_unit_with_the_same_weights():
-    spawn(_meta_worker)
+def test_meta_device_model_is_initialized_unit_by_unit_with_the_same_weights(tmp_path):
+    spawn(_meta_worker, str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
