@@ -417,7 +417,9 @@ def load_full_state_dict(model: nn.Module, state_dict):
                     raise ValueError(f"state dict has no parameter {name!r}")
                 full = state_dict[name].to(device=p.device, dtype=p.dtype)
                 if full.shape != p.shape:
-                    raise ValueError(f"{name}: the state dict has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
+                    raise ValueError(
+                        f"{name}: the state dict has shape {tuple(full.shape)}, the model {tuple(p.shape)}"
+                    )
                 p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
             for name, buf in model.named_buffers():  # persistent buffers (the sigmoid router's bias) are not sharded
                 if name in state_dict:
