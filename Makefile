@@ -62,7 +62,7 @@ test: setup-test  ## install and run the whole test suite
 lint:
 	ruff format --check . && ruff check .
 
-gpu-check:        ## on a CUDA machine: the Triton kernel compiled for real, then the attention benchmark
+gpu-check:        ## on a CUDA machine: kernel tests compiled, attention + training benchmarks, a short GPU run
 	bash benchmarks/gpu_check.sh
 
 clean:
