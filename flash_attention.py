@@ -20,6 +20,10 @@ How (Dao, "FlashAttention-2", 2023, https://arxiv.org/abs/2307.08691, algorithms
 - Grouped-query attention (Ainslie et al. 2023): query head h reads K/V head h // (H // H_kv) through
   pointer arithmetic, never a repeated copy. The dK/dV kernel loops over the group of query heads that
   share its K/V head, so the group's sum happens in registers instead of in a (B, H, T, D) buffer.
+- Packed rows (document_ids, causal): query m sees key n when start[m] <= n <= m, start[m] being where its
+  document begins; key tiles before a query tile's earliest start are skipped, and the dK/dV sweep stops at
+  the end of the last document touching its key tile, so no work is spent across documents (the varlen idea of
+  FlashAttention-2, here on fixed-length rows).
 - Any T (tails are masked), head dim D in {16, 32, 64, 128}, fp16/bf16/fp32, any strides. fp32 inputs
   use IEEE-precision dots (not TF32), so fp32 means fp32.
 - Scores are kept in base 2 (scaled by log2(e)) because exp2 is the native GPU instruction.
@@ -99,7 +103,7 @@ _DQ_CONFIGS = _configs(
     [(128, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], cpu_tile=(32, 16)
 )
 # Tuned per power-of-two bucket of T (T_TUNE), so batches of varying length (SFT) reuse one tuning result.
-_TUNE_KEY = ["T_TUNE", "HEAD_DIM", "CAUSAL", "GROUP"]
+_TUNE_KEY = ["T_TUNE", "HEAD_DIM", "CAUSAL", "GROUP", "HAS_DOCS"]
 
 
 # ---- forward ----
@@ -107,9 +111,10 @@ _TUNE_KEY = ["T_TUNE", "HEAD_DIM", "CAUSAL", "GROUP"]
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-               lo, hi, T, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-               PRECISION: tl.constexpr):  # fmt: skip
-    """Fold key/value tiles [lo, hi) into the running (acc, l, m) of one query tile."""
+               lo, hi, T, qk_scale, q_start, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
+    """Fold key/value tiles [lo, hi) into the running (acc, l, m) of one query tile. With HAS_DOCS (packed rows)
+    query m also needs key n >= q_start[m], the first position of its own document."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
@@ -125,8 +130,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
             keep = offs_n[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_DOCS:
+                keep = keep & (offs_n[None, :] >= q_start[:, None])
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,); finite: every row sees key 0 in its first tile
+        if HAS_DOCS:  # ...but not with documents: a row may see nothing yet; exp2(-inf - 0) = 0 keeps it at zero
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -137,10 +146,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune((64, 32)))
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt,
-                stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot, stride_od,
-                H, GROUP, T, T_TUNE, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _fwd_kernel(Q, K, V, O, LSE, DOC_START, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh,
+                stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_ob, stride_oh, stride_ot,
+                stride_od, H, GROUP, T, T_TUNE, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
     # Causal tiles near the end of the sequence do the most work; launch them first for a better tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -160,16 +170,26 @@ def _fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qh, stride_qt, stride_qd, str
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running unnormalized output
 
-    if CAUSAL:  # keys before the tile's first query are visible to all its rows; the diagonal needs a mask
-        full_hi = start_m
-        hi = tl.minimum(start_m + BLOCK_M, T)
-    else:  # every whole key tile is visible; only the partial last one needs a mask
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        hi = T
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, offs_d, 0, full_hi, T, qk_scale, BLOCK_N, False, CAUSAL, PRECISION)  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                               offs_m, offs_d, full_hi, hi, T, qk_scale, BLOCK_N, True, CAUSAL, PRECISION)  # fmt: skip
+    if HAS_DOCS:  # packed rows (causal): key tiles from the tile's earliest document start, all masked
+        # Rows past T pretend to start at T - 1: they see one key (finite, never stored) and do not lower `lo`.
+        q_start = tl.load(DOC_START + off_b * T + offs_m, mask=offs_m < T, other=T - 1)  # (BLOCK_M,)
+        lo = (tl.min(q_start, 0) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, offs_d, lo, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, q_start,
+                                   BLOCK_N, True, CAUSAL, PRECISION, True)  # fmt: skip
+    else:
+        if CAUSAL:  # keys before the tile's first query are visible to all its rows; the diagonal needs a mask
+            full_hi = start_m
+            hi = tl.minimum(start_m + BLOCK_M, T)
+        else:  # every whole key tile is visible; only the partial last one needs a mask
+            full_hi = (T // BLOCK_N) * BLOCK_N
+            hi = T
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, offs_d, 0, full_hi, T, qk_scale, offs_m, BLOCK_N, False, CAUSAL,
+                                   PRECISION, False)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_m, offs_d, full_hi, hi, T, qk_scale, offs_m, BLOCK_N, True, CAUSAL,
+                                   PRECISION, False)  # fmt: skip
 
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural-log LSE, what the backward reads
@@ -200,9 +220,9 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot,
-                    stride_dod, offs_n, offs_d, lo, hi, T, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-                    PRECISION: tl.constexpr):  # fmt: skip
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, stride_qt, stride_qd,
+                    stride_dot, stride_dod, offs_n, offs_d, lo, hi, T, qk_scale, BLOCK_M: tl.constexpr,
+                    MASK: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
     """Add the contribution of query tiles [lo, hi) of one query head to a key tile's dK, dV."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -218,7 +238,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])  # probabilities recomputed from the saved LSE
         if MASK:  # causal diagonal: key n is seen by query m only when n <= m
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+            keep = offs_n[:, None] <= offs_m[None, :]
+            if HAS_DOCS:  # ...and only by queries of its own document
+                q_start = tl.load(start_base + offs_m, mask=offs_m < T, other=T)  # (BLOCK_M,)
+                keep = keep & (offs_n[:, None] >= q_start[None, :])
+            p_t = tl.where(keep, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # (BLOCK_N, D)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])  # softmax backward; sm_scale applied once at the end
@@ -228,12 +252,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune((16, 32)))
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, stride_qb, stride_qh, stride_qt,
+                     stride_qd, stride_kb,
                      stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_dob,
                      stride_doh, stride_dot, stride_dod, stride_dkb, stride_dkh, stride_dkt, stride_dkd, stride_dvb,
                      stride_dvh, stride_dvt, stride_dvd, H, GROUP, T, T_TUNE, sm_scale, qk_scale,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):  # fmt: skip
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One program per (key tile, batch * K/V head): dK, dV summed over the GROUP query heads sharing it."""
     pid_bhkv = tl.program_id(1)
     H_kv = H // GROUP
@@ -251,6 +276,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stri
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, D)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    start_base = DOC_START + off_b * T
+    if HAS_DOCS:  # no query past the end of the last document in this key tile sees any of its keys
+        doc_hi = tl.max(tl.load(DOC_END + off_b * T + offs_n, mask=offs_n < T, other=0), 0)
 
     for g in range(GROUP):  # grouped-query attention: sum over the query heads that read this K/V head
         off_h = off_hkv * GROUP + g
@@ -258,16 +286,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stri
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base = LSE + (off_b * H + off_h) * T
         delta_base = DELTA + (off_b * H + off_h) * T
-        if CAUSAL:  # queries before start_n see none of these keys; those in the key tile's span see some
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-                                     stride_dot, stride_dod, offs_n, offs_d, start_n, start_n + BLOCK_N, T, qk_scale,
-                                     BLOCK_M, True, PRECISION)  # fmt: skip
-            lo = start_n + BLOCK_N
+        if HAS_DOCS:  # packed rows (causal): queries from the key tile to the end of its last document, masked
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, stride_qt,
+                                     stride_qd, stride_dot, stride_dod, offs_n, offs_d, start_n, doc_hi, T, qk_scale,
+                                     BLOCK_M, True, PRECISION, True)  # fmt: skip
         else:
-            lo = 0
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-                                 stride_dot, stride_dod, offs_n, offs_d, lo, T, T, qk_scale, BLOCK_M, False,
-                                 PRECISION)  # fmt: skip
+            if CAUSAL:  # queries before start_n see none of these keys; those in the key tile's span see some
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, stride_qt,
+                                         stride_qd, stride_dot, stride_dod, offs_n, offs_d, start_n,
+                                         start_n + BLOCK_N, T, qk_scale, BLOCK_M, True, PRECISION, False)  # fmt: skip
+                lo = start_n + BLOCK_N
+            else:
+                lo = 0
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_base, stride_qt,
+                                     stride_qd, stride_dot, stride_dod, offs_n, offs_d, lo, T, T, qk_scale, BLOCK_M,
+                                     False, PRECISION, False)  # fmt: skip
 
     dk *= sm_scale  # S = sm_scale * Q K^T, so dK = sm_scale * dS^T Q
     dk_ptrs = (
@@ -282,8 +315,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stri
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                  lo, hi, T, qk_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr):  # fmt: skip
+                  lo, hi, T, qk_scale, q_start, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                  PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr):  # fmt: skip
     """Add the contribution of key tiles [lo, hi) to one query tile's dQ."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -301,6 +334,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, s
             keep = offs_n[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_DOCS:
+                keep = keep & (offs_n[None, :] >= q_start[:, None])
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
@@ -310,11 +345,12 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, s
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune((32, 32)))
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, stride_qb, stride_qh, stride_qt, stride_qd, stride_kb,
+                   stride_kh,
                    stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh,
                    stride_dot, stride_dod, stride_dqb, stride_dqh, stride_dqt, stride_dqd, H, GROUP, T, T_TUNE,
                    sm_scale, qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                   HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One program per (query tile, batch * head): dQ, walking the key tiles like the forward does."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -336,16 +372,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if CAUSAL:
-        full_hi = start_m
-        hi = tl.minimum(start_m + BLOCK_M, T)
+    if HAS_DOCS:  # as in the forward: from the tile's earliest document start, all masked
+        q_start = tl.load(DOC_START + off_b * T + offs_m, mask=offs_m < T, other=T - 1)  # (BLOCK_M,)
+        lo = (tl.min(q_start, 0) // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
+                           offs_d, lo, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, q_start, BLOCK_N, True, CAUSAL,
+                           PRECISION, True)  # fmt: skip
     else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        hi = T
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
-                       offs_d, 0, full_hi, T, qk_scale, BLOCK_N, False, CAUSAL, PRECISION)  # fmt: skip
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
-                       offs_d, full_hi, hi, T, qk_scale, BLOCK_N, True, CAUSAL, PRECISION)  # fmt: skip
+        if CAUSAL:
+            full_hi = start_m
+            hi = tl.minimum(start_m + BLOCK_M, T)
+        else:
+            full_hi = (T // BLOCK_N) * BLOCK_N
+            hi = T
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
+                           offs_d, 0, full_hi, T, qk_scale, offs_m, BLOCK_N, False, CAUSAL, PRECISION,
+                           False)  # fmt: skip
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m,
+                           offs_d, full_hi, hi, T, qk_scale, offs_m, BLOCK_N, True, CAUSAL, PRECISION,
+                           False)  # fmt: skip
 
     dq *= sm_scale
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
@@ -396,32 +441,48 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp16/bf16 dots ignore it; fp32 gets true fp32
 
 
-def _forward(q, k, v, causal, sm_scale):
+def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, ends), each (B, T) int32: the first position and one past the last of each token's document, for
+    rows packed as runs of equal ids. Query m may see key n when starts[m] <= n <= m."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T) a document begins here
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]  # (B, T) a document ends here
+    starts = torch.cummax(torch.where(first, idx, 0), dim=1).values
+    ends = torch.cummin(torch.where(last, idx + 1, T).flip(1), dim=1).values.flip(1)
+    return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous()
+
+
+def _forward(q, k, v, causal, sm_scale, docs=None):
     B, H, T, D = q.shape
     o = torch.empty_like(q)  # keeps q's layout when dense, e.g. (B, T, H, D) memory for a transposed q
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # (B, H, T)
+    starts = docs[0] if docs is not None else lse  # unused without documents (HAS_DOCS=False)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // k.shape[1], T,
-                      triton.next_power_of_2(T), sm_scale * LOG2E, HEAD_DIM=D, CAUSAL=causal,
-                      PRECISION=_precision(q.dtype))  # fmt: skip
+    _fwd_kernel[grid](q, k, v, o, lse, starts, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H,
+                      H // k.shape[1], T, triton.next_power_of_2(T), sm_scale * LOG2E, HEAD_DIM=D, CAUSAL=causal,
+                      PRECISION=_precision(q.dtype), HAS_DOCS=docs is not None)  # fmt: skip
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale):
+def _backward(do, q, k, v, o, lse, causal, sm_scale, docs=None):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     delta = torch.empty_like(lse)  # (B, H, T)
     _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=D,
                                                          BLOCK_M=64)  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    common = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype), HAS_DOCS=docs is not None)
+    starts, ends = docs if docs is not None else (lse, lse)  # unused without documents
     t_tune = triton.next_power_of_2(T)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)
-    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                           *dk.stride(), *dv.stride(), H, H // H_kv, T, t_tune, sm_scale, sm_scale * LOG2E,
-                           **common)  # fmt: skip
+    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, starts, ends, *q.stride(), *k.stride(), *v.stride(),
+                           *do.stride(), *dk.stride(), *dv.stride(), H, H // H_kv, T, t_tune, sm_scale,
+                           sm_scale * LOG2E, **common)  # fmt: skip
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, starts, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                          *dq.stride(), H, H // H_kv, T, t_tune, sm_scale, sm_scale * LOG2E, **common)  # fmt: skip
     return dq, dk, dv
 
@@ -430,31 +491,42 @@ class FlashAttentionFunction(torch.autograd.Function):
     """autograd glue: saves (q, k, v, o, lse), never the (T, T) probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
-        o, lse = _forward(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, causal, sm_scale, docs):
+        o, lse = _forward(q, k, v, causal, sm_scale, docs)
+        ctx.save_for_backward(q, k, v, o, lse, *(docs or ()))
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, *docs = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, tuple(docs) or None)
+        return dq, dk, dv, None, None, None
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None):
+def flash_attention(q, k, v, causal=True, sm_scale=None, document_ids=None):
     """softmax(q k^T * sm_scale [+ causal mask]) v. q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, H, T, D).
 
     sm_scale defaults to 1/sqrt(D). Differentiable in q, k, v. Any strides are accepted. Under torch.autocast the
     inputs are cast to the autocast dtype first, as autocast does for SDPA (else fp32 q would run fp32 dots).
+    document_ids (B, T), causal only: rows packed with several sequences, each a run of equal ids; a token attends
+    only to earlier tokens of its own run (block-diagonal causal), and key tiles before a query tile's earliest
+    document are skipped, so packing costs no attention work across documents.
     """
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     _check_inputs(q, k, v)
+    docs = None
+    if document_ids is not None:
+        if not causal:
+            raise ValueError("document_ids (packed rows) need causal=True")
+        if tuple(document_ids.shape) != (q.shape[0], q.shape[2]) or document_ids.device != q.device:
+            raise ValueError(f"document_ids must be (B, T) = {(q.shape[0], q.shape[2])} on {q.device}, "
+                             f"got {tuple(document_ids.shape)} on {document_ids.device}")  # fmt: skip
+        docs = document_bounds(document_ids)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, docs)
 
 
 def flash_attention_forward(q, k, v, causal=True, sm_scale=None):
@@ -464,7 +536,7 @@ def flash_attention_forward(q, k, v, causal=True, sm_scale=None):
     return _forward(q, k, v, bool(causal), sm_scale)
 
 
-def attention_reference(q, k, v, causal=True, sm_scale=None):
+def attention_reference(q, k, v, causal=True, sm_scale=None, document_ids=None):
     """The same attention in plain PyTorch, computed in the inputs' dtype; materializes (B, H, T, T)."""
     B, H, T, D = q.shape
     group = H // k.shape[1]
@@ -474,5 +546,7 @@ def attention_reference(q, k, v, causal=True, sm_scale=None):
     att = (q @ k.transpose(-2, -1)) * sm_scale  # (B, H, T, T)
     if causal:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if document_ids is not None:  # (B, 1, T, T): same document and not in the future
+            mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
         att = att.masked_fill(~mask, float("-inf"))
     return torch.softmax(att, dim=-1) @ v  # (B, H, T, D)

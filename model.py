@@ -223,13 +223,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def attention(q, k, v, mask, is_causal: bool, impl: str, dropout: float = 0.0):
-    """Softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, H_kv, S, D), mask None or bool (B|1, 1, T, S)."""
-    if impl == "triton" and mask is None and is_causal and q.shape[2] == k.shape[2] and dropout == 0.0:
-        if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-            from flash_attention import flash_attention  # lazy: Triton is optional on CPU
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool for packed rows: a token sees earlier tokens of its own document (runs of equal ids)."""
+    T = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    mask = same & torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # causal within a document
+    return mask[:, None]
 
-            return flash_attention(q, k, v, causal=True)
+
+def attention(q, k, v, mask, is_causal: bool, impl: str, dropout: float = 0.0):
+    """Softmax(q k^T / sqrt(D) + mask) v. q (B, H, T, D), k/v (B, H_kv, S, D), mask None, bool (B|1, 1, T, S), or
+    for packed rows the integer document ids (B, T), which the Triton kernel takes as they are."""
+    triton_ok = impl == "triton" and q.shape[2] == k.shape[2] and dropout == 0.0
+    triton_ok = triton_ok and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if triton_ok and (mask is None and is_causal or mask is not None and mask.dtype != torch.bool):
+        from flash_attention import flash_attention  # lazy: Triton is optional on CPU
+
+        return flash_attention(q, k, v, causal=True, document_ids=mask)
+    if mask is not None and mask.dtype != torch.bool:
+        mask, is_causal = document_mask(mask), False  # the dense (T, T) form for the other implementations
     if impl == "naive":
         n_rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D): each kv head serves n_rep query heads
@@ -411,13 +423,11 @@ class Transformer(nn.Module):
         mask None or bool (B|1, 1, T, S), True = may attend.
         """
         if document_ids is not None:  # packed rows: each document restarts at position 0 and sees only itself
-            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-            mask = same & torch.ones(T, T, dtype=torch.bool, device=device).tril()  # causal within a document
             starts = torch.ones_like(document_ids, dtype=torch.bool)
             starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T) first token of each document
             index = torch.arange(T, device=device).expand(B, T)
             first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # (B, T) where my document began
-            return index - first, mask[:, None], False
+            return index - first, document_ids, False  # attention() turns the ids into a mask, or the kernel uses them
         S = start_pos + T
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is not None:

@@ -30,7 +30,7 @@ Padding, or packing (the key data choice)
   passes model.forward a document id per token: attention is block-diagonal and positions restart per
   example, so every example's loss is unchanged and the step's gradient equals the padded one (up to
   float summation order); only the padding work goes. The batch still counts examples, not rows.
-  Packed rows carry a mask, so on GPU attention runs in SDPA's masked kernel, not the Triton one.
+  The Triton kernel (attn_impl=triton, the default on GPU) takes the document ids directly.
 
 Data order is a seeded permutation per epoch; its position (epoch, index) is plain ints saved
 with each checkpoint, so `resume=auto` continues bit-exactly (weights, optimizer, RNG, data).

@@ -111,6 +111,51 @@ def test_bf16_error_within_a_small_multiple_of_pytorch_bf16(causal):
         assert err <= 2 * base + 1e-2, f"{name}: ours {err:.2e} vs PyTorch bf16 {base:.2e}"
 
 
+def _documents(B, T, lengths_by_row):
+    """(B, T) document ids from run lengths per row; a row's runs must sum to T."""
+    ids = torch.empty(B, T, dtype=torch.long)
+    for b, lengths in enumerate(lengths_by_row):
+        assert sum(lengths) == T
+        ids[b] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return ids.to(DEVICE)
+
+
+# (B, H, H_kv, T, D, document lengths per row): one-token documents, documents that straddle and that align with
+# the interpreter's tiles (32 queries x 16 keys forward; 16 x 32 in dK/dV), a row that is one document, GQA 4.
+DOC_CASES = [
+    (2, 2, 1, 17, 16, [[1, 1, 15], [17]]),
+    (1, 4, 1, 100, 32, [[32, 16, 1, 40, 11]]),
+    (2, 2, 2, 70, 64, [[5, 30, 35], [64, 6]]),
+]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: "B{}H{}Hkv{}T{}D{}".format(*c[:5]))
+def test_packed_documents_match_reference(case):
+    """document_ids: block-diagonal causal attention, forward and backward, against the masked fp64 reference."""
+    *shape, lengths = case
+    q, k, v, do = _inputs(*shape)
+    docs = _documents(shape[0], shape[3], lengths)
+    out, dq, dk, dv = _grads(fa.flash_attention, q, k, v, do, document_ids=docs)
+    ref = _grads(fa.attention_reference, *(x.double() for x in (q, k, v, do)), document_ids=docs)
+    torch.testing.assert_close(out, ref[0].float(), rtol=1e-5, atol=1e-6)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[1:], strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    # A document is independent of the others: the first one alone gives the same output.
+    n = lengths[0][0]
+    alone = fa.flash_attention(q[:1, :, :n], k[:1, :, :n], v[:1, :, :n])
+    torch.testing.assert_close(out[:1, :, :n], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_document_bounds_and_errors():
+    starts, ends = fa.document_bounds(torch.tensor([[7, 7, 3, 3, 3, 9]]))
+    assert starts.tolist() == [[0, 0, 2, 2, 2, 5]] and ends.tolist() == [[2, 2, 5, 5, 5, 6]]
+    q, k, v, _ = _inputs(1, 2, 1, 8, 16)
+    with pytest.raises(ValueError, match="need causal=True"):
+        fa.flash_attention(q, k, v, causal=False, document_ids=torch.zeros(1, 8, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=r"document_ids must be \(B, T\) = \(1, 8\)"):
+        fa.flash_attention(q, k, v, document_ids=torch.zeros(1, 7, dtype=torch.long, device=DEVICE))
+
+
 def test_non_contiguous_inputs_and_custom_scale():
     B, H, H_kv, T, D = 1, 2, 1, 33, 16
     q, k, v, do = _inputs(B, H, H_kv, T, D, seed=3)
@@ -194,3 +239,17 @@ def test_whole_model_triton_matches_sdpa(monkeypatch):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, p_ref), p_ours in zip(ref_model.named_parameters(), our_model.parameters(), strict=True):
         torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    # Packed rows: the kernel takes the document ids, SDPA gets the dense block-diagonal mask; same loss and grads.
+    docs = _documents(2, 19, [[4, 15], [10, 2, 7]])
+    losses = []
+    for m in (ref_model, our_model):
+        m.zero_grad()
+        loss = m(idx, targets, document_ids=docs)
+        loss.backward()
+        losses.append(loss.detach())
+    assert len(calls) == 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p_ref), p_ours in zip(ref_model.named_parameters(), our_model.parameters(), strict=True):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
