@@ -39,7 +39,14 @@ def _launch(rank, world, port, fn, args):
 
 
 def spawn(fn, *args):
-    mp.spawn(_launch, args=(WORLD, _free_port(), fn, args), nprocs=WORLD, join=True)
+    """Run fn(info, *args) on WORLD ranks. The free port is found before the ranks bind it, so another process (a
+    parallel test) can take it in between; only that failure is retried, with a new port."""
+    for attempt in range(3):
+        try:
+            return mp.spawn(_launch, args=(WORLD, _free_port(), fn, args), nprocs=WORLD, join=True)
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
 
 
 def tiny_config(**kw) -> ModelConfig:
