@@ -568,8 +568,9 @@ class Run:
         them ({} on the other ranks); None when not sharded."""
         return self.du.full_state_dict(self.model, rank0_only=True) if self.sharded else None
 
-    def finish(self, step: int, title: str) -> None:
-        """Close the progress bar; at the true end export the final model to out_dir and plot the losses."""
+    def finish(self, step: int, title: str, leave_group: bool = True) -> None:
+        """Close the progress bar; at the true end export the final model to out_dir and plot the losses.
+        leave_group=False keeps the process group for another Run in this process (train_vlm's stage=both)."""
         if self.progress is not None:
             self.progress.close()
         if self.stop.stop or (self.cfg.stop_after_steps and step < self.cfg.steps):
@@ -585,7 +586,8 @@ class Run:
         self.stop.restore()
         if self.master:
             unlock_out_dir(self.cfg.out_dir)
-        self.du.cleanup()
+        if leave_group:
+            self.du.cleanup()
 
 
 def guess_peak_flops(device: torch.device, dtype: torch.dtype) -> float:

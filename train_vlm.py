@@ -180,8 +180,9 @@ def set_trainable(model: VLM, cfg: VLMTrainConfig, stage: int, lm_dir: str) -> N
 # ---------------------------------------------------------------------------------------------------------------------
 # one stage
 # ---------------------------------------------------------------------------------------------------------------------
-def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
-    """Train one stage to its last step (or until a stop request). Returns True when the stage is complete."""
+def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool:
+    """Train one stage to its last step (or until a stop request). Returns True when the stage is complete.
+    leave_group=False keeps the torchrun process group for the next stage in this process."""
     scfg = stage_config(cfg, stage)
     run = tc.Run(scfg, f"vlm-stage{stage}")
     device = run.device
@@ -281,15 +282,14 @@ def run_stage(cfg: VLMTrainConfig, stage: int) -> bool:
             break
 
     # ---- finish ----
-    run.finish(step, f"vlm stage {stage}")
-    return step >= scfg.steps
+    complete = step >= scfg.steps
+    run.finish(step, f"vlm stage {stage}", leave_group=leave_group or not complete)
+    return complete
 
 
 def main(cfg: VLMTrainConfig) -> None:
-    if cfg.stage == "both" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Run.finish leaves the process group; rejoining it in the same torchrun process is not supported.
-        raise UserError("under torchrun run the stages one by one: stage=1, then stage=2")
-    if cfg.stage in ("1", "both") and not run_stage(cfg, 1):
+    # stage=both: stage 1 keeps the process group (under torchrun) for stage 2 in the same processes.
+    if cfg.stage in ("1", "both") and not run_stage(cfg, 1, leave_group=cfg.stage == "1"):
         return  # stopped early (signal or stop_after_steps): resume=auto continues stage 1
     if cfg.stage in ("2", "both"):
         run_stage(cfg, 2)

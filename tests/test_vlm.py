@@ -5,12 +5,14 @@ independent ViT, the image splice vs transformers' inputs_embeds, files, data by
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, ROOT
 from safetensors.torch import load_file
 
 import lora
@@ -373,6 +375,20 @@ def test_resume_equals_uninterrupted_and_lora(tiny_data_dir, base_lm, tmp_path):
     assert os.path.isfile(tmp_path / "c" / "adapter_config.json")
     assert not os.path.isfile(tmp_path / "c" / "model.safetensors")  # LoRA: the LM itself is the base
     vlm.VLM.from_pretrained(str(tmp_path / "c"))
+
+
+def test_both_stages_under_torchrun(tiny_data_dir, base_lm, tmp_path):
+    """stage=both in one torchrun launch: stage 1 keeps the process group for stage 2 (2 gloo ranks, ddp)."""
+    out = str(tmp_path / "ddp")
+    argv = train_args(tiny_data_dir, out, lm=base_lm, stage1_steps=2, steps=2, warmup_steps=1, batch_size=8, micro_batch_size=4,
+                      n_caption=32, n_train=32, n_test=8, parallel="ddp")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_vlm.py"), *argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "stage1", "DONE")) and os.path.isfile(os.path.join(out, "DONE"))
+    assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2]
 
 
 def test_config_errors(tiny_data_dir, tmp_path):
