@@ -240,21 +240,24 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
         lr = tc.lr_at(step, scfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        vision_cfg = raw_model.vision_tower.config
+        batches = [collate([train_rows[i] for i in stream.next_indices()], tokenizer, vision_cfg, cfg.seq_len)
+                   for _ in range(run.accum)]  # fmt: skip
+        # Every answer token of the step weighs the same (as in train_sft.py): answers differ in length, so a mean
+        # per micro-batch would weigh tokens by which micro-batch (or rank) they landed in. DDP averages gradients
+        # over ranks, so each rank divides the summed loss by the mean count over ranks.
+        n_local = sum(int((y != -1).sum()) for _, y, _ in batches)  # answer tokens on this rank
+        denom = max(tc.all_reduce_mean(torch.tensor(float(n_local), device=device)).item(), 1.0)
+        tokens = sum(x.numel() for x, _, _ in batches) * run.world_size
         loss_sum = torch.zeros((), device=device)
-        tokens = 0
-        for micro in range(run.accum):
-            x, y, pixels = collate(
-                [train_rows[i] for i in stream.next_indices()], tokenizer, raw_model.vision_tower.config, cfg.seq_len
-            )
+        for micro, (x, y, pixels) in enumerate(batches):
             x, y, pixels = x.to(device), y.to(device), pixels.to(device)
-            tokens += x.numel() * run.world_size
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
-                    loss = model(x, pixels, y)
-                # Divide by accum: the gradients of `accum` micro-batches then sum to the mean over the batch.
-                run.scaler.scale(loss / run.accum).backward()
+                    loss = model(x, pixels, y, loss_reduction="sum") / denom
+                run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        loss_mean = tc.all_reduce_mean(loss_sum / run.accum)
+        loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per answer token over the global batch
         applied = run.optimizer_step(step, loss_mean)
         step += 1
         seen_tokens += tokens

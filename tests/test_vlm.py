@@ -377,6 +377,21 @@ def test_resume_equals_uninterrupted_and_lora(tiny_data_dir, base_lm, tmp_path):
     vlm.VLM.from_pretrained(str(tmp_path / "c"))
 
 
+def test_accumulation_equals_one_big_batch(tiny_data_dir, base_lm, tmp_path):
+    """2 micro-batches of 8 == one batch of 16: the loss is divided by the step's answer tokens, not averaged per
+    micro-batch, so answers of different lengths weigh the same either way (fp32, summation-order noise only)."""
+    common = dict(lm=base_lm, stage="2", steps=3, warmup_steps=1, families="[colour,shape,count]")
+    run(train_args(tiny_data_dir, str(tmp_path / "big"), micro_batch_size=16, **common))
+    run(train_args(tiny_data_dir, str(tmp_path / "acc"), micro_batch_size=8, **common))
+    for name in ("model.safetensors", "vision.safetensors"):
+        a, b = load_file(str(tmp_path / "big" / name)), load_file(str(tmp_path / "acc" / name))
+        for k in a:  # Adam's 1/sqrt(v) amplifies summation-order noise in near-zero gradients: atol 1e-5
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k, n=name: f"{n} {k}: {m}")
+    la = [r["loss"] for r in log_rows(str(tmp_path / "big")) if "loss" in r]
+    lb = [r["loss"] for r in log_rows(str(tmp_path / "acc")) if "loss" in r]
+    assert len(la) == 3 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb, strict=True))
+
+
 def test_both_stages_under_torchrun(tiny_data_dir, base_lm, tmp_path):
     """stage=both in one torchrun launch: stage 1 keeps the process group for stage 2 (2 gloo ranks, ddp)."""
     out = str(tmp_path / "ddp")
