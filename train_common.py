@@ -256,6 +256,10 @@ def lock_out_dir(out_dir: str) -> None:
         raise UserError(
             f"out_dir: {out_dir} is in use by another training run; wait for it to finish or choose another out_dir"
         ) from None
+    except OSError as e:  # a filesystem without flock (Lustre mounted without it: ENOSYS): run unlocked
+        os.close(fd)
+        print(f"note: cannot lock {out_dir} ({e.strerror}); make sure no other run uses it", flush=True)
+        return
     _LOCKED[key] = fd
 
 

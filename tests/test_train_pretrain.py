@@ -218,6 +218,19 @@ def test_one_run_per_out_dir(tiny_data_dir, tmp_path):
     assert sorted(new) == [1, 2, 3] and new[1] != old[1]  # seed 1: a different run, not the old lines kept
 
 
+def test_out_dir_lock_degrades_on_filesystems_without_flock(tmp_path, monkeypatch, capsys):
+    """Lustre without its flock mount option answers ENOSYS: training must go on (with a note), not crash."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    tc.lock_out_dir(str(tmp_path))
+    assert "cannot lock" in capsys.readouterr().out and os.path.realpath(tmp_path) not in tc._LOCKED
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_data_dir, tmp_path):
     out = str(tmp_path / "nan")
     run_inprocess(base_args(tiny_data_dir, out, steps=6, inject_nan_steps="[3]"))  # one bad step: skipped
