@@ -134,10 +134,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
                 keep = keep & (offs_n[None, :] >= q_start[:, None])
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,); finite: every row sees key 0 in its first tile
-        if HAS_DOCS:  # ...but not with documents: a row may see nothing yet; exp2(-inf - 0) = 0 keeps it at zero
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        m_exp = m_new
+        if HAS_DOCS:  # ...but not with documents: a row may see nothing yet. Exponentiate against 0 then (all
+            # terms are exp2(-inf) = 0) while the running max itself stays -inf until the row's first real key.
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_exp)  # rescales what was accumulated under the old max
+        p = tl.math.exp2(s - m_exp[:, None])  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # (BLOCK_M, D)
         m_i = m_new
@@ -546,7 +548,10 @@ def attention_reference(q, k, v, causal=True, sm_scale=None, document_ids=None):
     att = (q @ k.transpose(-2, -1)) * sm_scale  # (B, H, T, T)
     if causal:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        if document_ids is not None:  # (B, 1, T, T): same document and not in the future
-            mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+        if document_ids is not None:  # (B, 1, T, T): same run of ids (a document) and not in the future
+            change = torch.ones_like(document_ids, dtype=torch.bool)
+            change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+            run = change.cumsum(1)  # (B, T) index of each token's run: a repeated id later is a new document
+            mask = mask & (run[:, :, None] == run[:, None, :])[:, None]
         att = att.masked_fill(~mask, float("-inf"))
     return torch.softmax(att, dim=-1) @ v  # (B, H, T, D)

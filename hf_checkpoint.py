@@ -297,6 +297,9 @@ class LazyStateDict(Mapping):
         parts = self._parts[key]
         return self._read(parts) if isinstance(parts, str) else torch.stack([self._read(k) for k in parts])
 
+    def __contains__(self, key) -> bool:  # Mapping's default would read the tensor to find out
+        return key in self._parts
+
     def __iter__(self):
         return iter(self._parts)
 

@@ -224,9 +224,12 @@ class KVCache:
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool for packed rows: a token sees earlier tokens of its own document (runs of equal ids)."""
+    """(B, 1, T, T) bool for packed rows: a token sees earlier tokens of its own document (a run of equal ids)."""
     T = document_ids.shape[1]
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    change = torch.ones_like(document_ids, dtype=torch.bool)
+    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    run = change.cumsum(1)  # (B, T) which run (document) each token is in; an id used again later starts a new one
+    same = run[:, :, None] == run[:, None, :]  # (B, T, T)
     mask = same & torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # causal within a document
     return mask[:, None]
 

@@ -25,7 +25,8 @@ per Linear that reads it); bf16 weights (our fsdp/zero2 with mixed precision gat
 Per layer: two RMSNorms keep their fp32 input and rstd plus the normalized output; q, k, v after RoPE, the attention
 output and its fp32 log-sum-exp per head; the inputs of q/k/v and gate/up (one copy each, or one per Linear under
 autocast); SwiGLU's gate, up, silu(gate) and product (4F). MoE layers keep, per routed slot, the gathered token,
-4 F_e expert activations and the weighted output, plus int64 slot indices and the fp32 router outputs; shared
+4 F_e expert activations and the expert output before and after weighting (3C + 4F_e), plus int64 slot indices
+and the fp32 router outputs; shared
 experts add a SwiGLU. The head keeps the final norm, the head input and the fp32 log-softmax (4 V bytes per token).
 Activation checkpointing keeps each block's input (the stream dtype) plus one block's full set during its recompute
 (Chen et al. 2016). tests/test_distributed.py::test_planner_activations_match_what_autograd_saves measures all of

@@ -592,6 +592,8 @@ class Run:
             unlock_out_dir(self.cfg.out_dir)
         if leave_group:
             self.du.cleanup()
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the master's export is on disk before another Run on any rank reads it
 
 
 def guess_peak_flops(device: torch.device, dtype: torch.dtype) -> float:

@@ -147,6 +147,38 @@ def test_packed_documents_match_reference(case):
     torch.testing.assert_close(out[:1, :, :n], alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,score", [(torch.float32, -110.0), (torch.float16, -30.0)])
+def test_packed_document_whose_tile_starts_in_another_document(dtype, score):
+    """A row whose document starts after its first key tile sees only -inf there; its running max must stay -inf
+    (not 0), or a row whose visible scores are all very negative underflows to 0 (fp16) or 0/0 (fp32)."""
+    T, D = 32, 16
+    q, k, v, do = _inputs(1, 1, 1, T, D, dtype=torch.float32, seed=3)
+    docs = _documents(1, T, [[20, 12]])
+    key = k[0, 0, 20]
+    q[0, 0, 20] = score * math.sqrt(D) * key / key.dot(key)  # row 20 sees only key 20, with this scaled score
+    q, k, v, do = (x.to(dtype) for x in (q, k, v, do))
+    out, dq, dk, dv = _grads(fa.flash_attention, q, k, v, do, document_ids=docs)
+    ref = _grads(fa.attention_reference, *(x.double() for x in (q, k, v, do)), document_ids=docs)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, strict=True):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_reused_document_id_starts_a_new_document():
+    """Documents are runs of equal ids: [0, 0, 1, 1, 0, 0] is three documents, for the kernel, the reference and
+    the dense mask the other attention implementations get."""
+    model = pytest.importorskip("model")
+    q, k, v, _ = _inputs(1, 2, 1, 6, 16)
+    docs = torch.tensor([[0, 0, 1, 1, 0, 0]], device=DEVICE)
+    out = fa.flash_attention(q, k, v, document_ids=docs)
+    torch.testing.assert_close(out, fa.attention_reference(q, k, v, document_ids=docs), rtol=1e-5, atol=1e-6)
+    alone = fa.flash_attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:])  # the last run sees nothing before it
+    torch.testing.assert_close(out[:, :, 4:], alone, rtol=1e-5, atol=1e-6)
+    mask = model.document_mask(docs)
+    assert not mask[0, 0, 4, :4].any() and mask[0, 0, 5, 4:6].all()
+
+
 def test_document_bounds_and_errors():
     starts, ends = fa.document_bounds(torch.tensor([[7, 7, 3, 3, 3, 9]]))
     assert starts.tolist() == [[0, 0, 2, 2, 2, 5]] and ends.tolist() == [[2, 2, 5, 5, 5, 6]]

@@ -109,6 +109,9 @@ def test_lazy_state_dict_reads_what_from_pretrained_loads(tmp_path):
         assert set(lazy) == set(full) - ({"lm_head.weight"} if tied else set()), sorted(set(lazy) ^ set(full))
         for k in lazy:
             assert torch.equal(lazy[k], full[k]), k
+    reads = []
+    lazy._read = lambda key: reads.append(key)  # a membership test must not touch the files
+    assert "model.embed_tokens.weight" in lazy and "nope" not in lazy and reads == []
 
 
 def test_left_padded_batch_matches_hf_attention_mask(tmp_path):
