@@ -85,7 +85,7 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints (the last step is always saved)
     keep_last: int = 3  # complete checkpoints kept on disk
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir) | never | PATH to a checkpoint
-    overwrite: bool = False  # with resume=never: delete the checkpoints an earlier run left in out_dir
+    overwrite: bool = False  # with resume=never or resume=PATH elsewhere: delete an earlier run's checkpoints here
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     stop_after_steps: int = 0  # save and exit after this many steps in this process (0 = off): for time-limited jobs
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0 = guess from the device)
@@ -454,12 +454,15 @@ class Run:
         cfg, run_id = self.cfg, None
         if self.master and os.path.isdir(cfg.out_dir):  # before reading a checkpoint another run may be pruning
             lock_out_dir(cfg.out_dir)
-        earlier = list_checkpoints(cfg.out_dir) if cfg.resume == "never" else []
+        # resume=never, or resume=PATH to a checkpoint of another out_dir, starts a new run here.
+        own = os.path.realpath(os.path.join(cfg.out_dir, "checkpoints"))
+        foreign = cfg.resume not in ("auto", "never") and os.path.dirname(os.path.realpath(cfg.resume)) != own
+        earlier = list_checkpoints(cfg.out_dir) if cfg.resume == "never" or foreign else []
         if earlier and not cfg.overwrite:
-            # A fresh run among an old run's checkpoints would mix the two: pruning keeps the highest step
+            # A new run among an old run's checkpoints would mix the two: pruning keeps the highest step
             # numbers (the old run's) and a later resume=auto would pick the old run's newest.
             raise UserError(
-                f"resume=never: {cfg.out_dir} holds {len(earlier)} checkpoint(s) of an earlier run "
+                f"resume={cfg.resume}: {cfg.out_dir} holds {len(earlier)} checkpoint(s) of an earlier run "
                 f"(newest {os.path.basename(earlier[-1])}); add overwrite=true to delete them, or choose another out_dir"
             )
         ckpt = find_resume_checkpoint(cfg)
@@ -481,10 +484,10 @@ class Run:
 
             os.makedirs(cfg.out_dir, exist_ok=True)
             lock_out_dir(cfg.out_dir)  # a no-op when taken above
-            if ckpt is None:  # a fresh start: what an earlier run finished is no longer this run's result
-                if earlier:
-                    shutil.rmtree(os.path.join(cfg.out_dir, "checkpoints"))
-                    self.print(f"overwrite=true: deleted {len(earlier)} earlier checkpoint(s) in {cfg.out_dir}")
+            if earlier:
+                shutil.rmtree(os.path.join(cfg.out_dir, "checkpoints"))
+                self.print(f"overwrite=true: deleted {len(earlier)} earlier checkpoint(s) in {cfg.out_dir}")
+            if ckpt is None or foreign:  # a new run here: what an earlier one finished is no longer the result
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(cfg.out_dir, "DONE"))  # `make` must not skip a stage half redone
             save_config(cfg, os.path.join(cfg.out_dir, "train_config.json"))

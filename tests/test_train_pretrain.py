@@ -211,6 +211,13 @@ def test_one_run_per_out_dir(tiny_data_dir, tmp_path):
         run_inprocess(base_args(tiny_data_dir, out, steps=3, save_every=1, resume="never"))
     assert {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)} == tree and train_losses(out) == old
 
+    # Continuing another run's checkpoint here is a new run in this out_dir too.
+    other = str(tmp_path / "other")
+    run_inprocess(base_args(tiny_data_dir, other, steps=2, save_every=2))
+    with pytest.raises(UserError, match="holds 2 checkpoint.*overwrite=true"):
+        run_inprocess(base_args(tiny_data_dir, out, steps=3, resume=tc.list_checkpoints(other)[-1]))
+    assert {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)} == tree and train_losses(out) == old
+
     # With it, the old checkpoints go and only the new run's remain; its log starts afresh.
     run_inprocess(base_args(tiny_data_dir, out, steps=3, save_every=1, seed=1, resume="never", overwrite="true"))
     assert [os.path.basename(p) for p in tc.list_checkpoints(out)] == ["step_000001", "step_000002", "step_000003"]
