@@ -60,7 +60,7 @@ from config import UserError, run_cli
 from eval import task_accuracy
 from tasks import TEST_KEYS, load_jsonl
 from tokenizer import Tokenizer
-from train_sft import ExampleSampler, collate, load_base
+from train_sft import ExampleSampler, collate, load_base, pack
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -111,13 +111,30 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def completion_logps(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """batch = (x, y), both (2B, T), targets -1 outside completions -> summed completion log-probs (2B,).
+def completion_logps(model, batch) -> torch.Tensor:
+    """batch = (x, y, doc) from make_batch, targets -1 outside completions -> summed completion log-probs (2B,).
 
     The model's own fp32 cross-entropy with loss_reduction="none" gives -log p per target (0 where ignored).
+    Padded rows (doc None) are one sequence each; packed rows add each token into its sequence's sum.
     """
-    x, y = batch
-    return -model(x, y, loss_reduction="none").sum(dim=-1)  # (2B, T) -> (2B,)
+    x, y, doc = batch
+    token_logps = -model(x, y, loss_reduction="none", document_ids=doc)  # (rows, T)
+    if doc is None:
+        return token_logps.sum(dim=-1)  # (2B, T) -> (2B,)
+    real = doc >= 0  # padding is document -1
+    n = int(doc.max()) + 1  # 2B sequences
+    return token_logps.new_zeros(n).index_add(0, doc[real], token_logps[real])  # (2B,)
+
+
+def completion_lengths(batch) -> torch.Tensor:
+    """Completion tokens per sequence (2B,), for padded or packed batches."""
+    _, y, doc = batch
+    targets = y != -1
+    if doc is None:
+        return targets.sum(dim=-1)
+    return torch.zeros(int(doc.max()) + 1, dtype=torch.long, device=y.device).index_add(
+        0, doc[targets], torch.ones_like(doc[targets])
+    )
 
 
 @contextlib.contextmanager
@@ -226,23 +243,32 @@ def sequence_example(prompt_ids: list[int], completion_ids: list[int]) -> tuple[
     return s[:-1], [-1] * (len(prompt_ids) - 1) + completion_ids
 
 
-def make_batch(pairs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(prompt_ids, chosen_ids, rejected_ids)] * B -> (x, y), both (2B, T): rows 0..B-1 the chosen
-    sequences, rows B..2B-1 the rejected ones, right-padded (x with pad_id, y with -1) by SFT's collate."""
+def make_batch(pairs: list, pad_id: int, pack_len: int = 0):
+    """[(prompt_ids, chosen_ids, rejected_ids)] * B -> (x, y, doc). Sequences 0..B-1 are the chosen ones and
+    B..2B-1 the rejected ones. pack_len 0: (2B, T) rows right-padded by SFT's collate, doc None. Else the 2B
+    sequences packed into rows of at most pack_len tokens by SFT's pack, doc (rows, T) naming each token's
+    sequence (-1 on padding)."""
     chosen = [sequence_example(p, c) for p, c, _ in pairs]
     rejected = [sequence_example(p, r) for p, _, r in pairs]
-    return collate(chosen + rejected, pad_id)
+    if pack_len:
+        return pack(chosen + rejected, pad_id, pack_len)
+    return (*collate(chosen + rejected, pad_id), None)
+
+
+def batch_to(batch, device):
+    return tuple(t.to(device, non_blocking=True) if t is not None else None for t in batch)
 
 
 @torch.no_grad()
-def precompute_reference(model, pairs: list, batch_size: int, pad_id: int, device, autocast) -> torch.Tensor:
+def precompute_reference(model, pairs: list, batch_size: int, pad_id: int, device, autocast,
+                         pack_len: int = 0) -> torch.Tensor:  # fmt: skip
     """Reference log-probs of every pair, (N, 2) = (chosen, rejected), from `model` as it is now (call it
     before the first update; a LoRA model runs with its adapters off)."""
     out = torch.empty(len(pairs), 2, device=device)
     for i in range(0, len(pairs), batch_size):
-        x, y = make_batch(pairs[i : i + batch_size], pad_id)
+        batch = batch_to(make_batch(pairs[i : i + batch_size], pad_id, pack_len), device)
         with autocast:
-            logps = reference_logps(model, None, (x.to(device), y.to(device))).float()  # (2b,)
+            logps = reference_logps(model, None, batch).float()  # (2b,)
         out[i : i + batch_size] = logps.view(2, -1).T  # (b, 2)
     return out
 
@@ -286,6 +312,7 @@ class DPOConfig(tc.TrainConfig):
     batch_size: int = 32  # pairs per optimizer step (2x sequences), summed over ranks and accumulation
     micro_batch_size: int = 8  # pairs per forward/backward on one rank (2x rows in the forward)
     seq_len: int = 128  # max tokens of prompt + completion (the prompt is cut from the left beyond it)
+    pack: bool = False  # pack each micro-batch's 2B sequences into fewer seq_len rows: same log-probs, less padding
     lr: float = 5e-5  # peak learning rate
     min_lr: float = 5e-6  # learning rate at the end of the decay
     warmup_steps: int = 10  # linear warmup from 0 to lr
@@ -370,11 +397,14 @@ def main(cfg: DPOConfig) -> None:
     ref_model = copy.deepcopy(raw_model).requires_grad_(False).eval() if ref_kind == "copy" else None
     model, optimizer = run.prepare(raw_model)  # order: adapters first, then wrap, then the optimizer
     step_model = torch.compile(model) if cfg.compile else model
+    pack_len = cfg.seq_len if cfg.pack else 0  # 0: right-padded rows, one sequence each
     ref_table = None
     if ref_kind == "precompute":
         # Before resume loads any trained weights: the model is still the reference (LoRA's B starts at 0,
         # and the adapters are off anyway). A resumed run recomputes the same table from the same start.
-        ref_table = precompute_reference(model, pairs, 2 * cfg.micro_batch_size, tokenizer.pad_id, device, run.autocast)
+        ref_table = precompute_reference(
+            model, pairs, 2 * cfg.micro_batch_size, tokenizer.pad_id, device, run.autocast, pack_len
+        )
         run.print(f"reference log-probs precomputed for {len(pairs)} pairs")
 
     def save(step: int) -> None:
@@ -408,17 +438,16 @@ def main(cfg: DPOConfig) -> None:
         sums = torch.zeros(7, device=device)
         for micro in range(run.accum):
             idx = mine[micro * mb : (micro + 1) * mb]
-            x, y = make_batch([pairs[i] for i in idx], tokenizer.pad_id)  # (2B, T) each
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sampler.tokens += x.numel() * run.world_size  # padded tokens processed, all ranks (approximately)
+            batch = batch_to(make_batch([pairs[i] for i in idx], tokenizer.pad_id, pack_len), device)
+            sampler.tokens += batch[0].numel() * run.world_size  # tokens computed (padding included), all ranks
             if ref_table is not None:
                 ref_c, ref_r = ref_table[idx].T  # (B,) each
             else:
                 with run.autocast:
-                    ref_c, ref_r = reference_logps(model, ref_model, (x, y)).float().chunk(2)  # (B,) each
+                    ref_c, ref_r = reference_logps(model, ref_model, batch).float().chunk(2)  # (B,) each
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
-                    logps = completion_logps(step_model, (x, y))  # (2B,): chosen and rejected in one forward
+                    logps = completion_logps(step_model, batch)  # (2B,): chosen and rejected in one forward
                     aux = raw_model.moe_aux_loss()  # MoE balancing losses (0 for dense models)
                 pol_c, pol_r = logps.float().chunk(2)  # (B,) each
                 losses, rew_c, rew_r = dpo_loss(
@@ -428,7 +457,7 @@ def main(cfg: DPOConfig) -> None:
                     # RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): DPO can lower the
                     # likelihood of both answers and hand the freed mass to tokens neither contains; a per-token
                     # NLL on the chosen answer keeps it likely.
-                    n_chosen = (y[: len(idx)] != -1).sum(dim=-1).clamp(min=1)  # (B,) completion tokens
+                    n_chosen = completion_lengths(batch)[: len(idx)].clamp(min=1)  # (B,) completion tokens
                     losses = losses + cfg.rpo_alpha * (-pol_c / n_chosen)
                 # Each micro-batch holds the same number of pairs: the mean over one, divided by accum,
                 # sums to the mean over the whole step (DDP then averages the ranks).

@@ -215,15 +215,16 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int)
     keeps its own run of document ids, so model.forward(document_ids=...) attends within it only and restarts
     its positions: every example's loss is what it is unpacked, only fewer padding tokens are computed.
     (Packing with a block-diagonal mask: Krell et al. 2021, "Efficient Sequence Packing without
-    Cross-contamination".) Rows are right-padded to the longest row; padding is a document of its own."""
-    rows: list[list[tuple[list[int], list[int]]]] = []
+    Cross-contamination".) Rows are right-padded to the longest row; padding is a document of its own. An example's
+    document id is its index in `examples`, so a caller can map token results back (train_dpo sums per sequence)."""
+    rows: list[list[tuple[int, tuple[list[int], list[int]]]]] = []
     room: list[int] = []
-    for ex in sorted(examples, key=lambda e: -len(e[0])):
+    for i, ex in sorted(enumerate(examples), key=lambda item: -len(item[1][0])):
         r = next((i for i, free in enumerate(room) if free >= len(ex[0])), None)
         if r is None:
             rows.append([]), room.append(seq_len)
             r = len(rows) - 1
-        rows[r].append(ex)
+        rows[r].append((i, ex))
         room[r] -= len(ex[0])
     T = seq_len - min(room)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -231,10 +232,10 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int)
     doc = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: padding
     for i, row in enumerate(rows):
         t = 0
-        for j, (xs, ys) in enumerate(row):
+        for j, (xs, ys) in row:
             x[i, t : t + len(xs)] = torch.tensor(xs)
             y[i, t : t + len(ys)] = torch.tensor(ys)
-            doc[i, t : t + len(xs)] = j  # the j-th example of this row
+            doc[i, t : t + len(xs)] = j  # example j of the input list
             t += len(xs)
     return x, y, doc
 

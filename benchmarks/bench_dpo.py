@@ -69,7 +69,7 @@ def bench_reference(args, device) -> None:
     tok = Tokenizer(os.path.join(ROOT, "data", "builtin"))
     rows = read_pairs(os.path.join(ROOT, "data", "builtin", "dpo_train.jsonl"))[: args.pairs]
     batch = make_batch([tokenize_pair(tok, *r, 128) for r in rows], tok.pad_id)
-    batch = tuple(t.to(device) for t in batch)
+    batch = tuple(t.to(device) if t is not None else None for t in batch)
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(args.model)
     cfg.vocab_size = max(cfg.vocab_size, tok.vocab_size)

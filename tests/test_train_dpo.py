@@ -107,16 +107,18 @@ def test_completion_logps_equal_a_manual_sum(tiny_data_dir):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         assert p + c == tok.render_chat(messages + [{"role": "assistant", "content": chosen}])[0]
         assert p.count(tok.bos_id) == 1 and c[-1] == tok.special_id("<|end|>")
-    x, y = make_batch(pairs, tok.pad_id)
-    assert x.shape[0] == 2 * len(pairs)
+    padded, packed = make_batch(pairs, tok.pad_id), make_batch(pairs, tok.pad_id, pack_len=64)
+    assert padded[0].shape[0] == 2 * len(pairs) and padded[2] is None
+    assert packed[0].shape[0] < 2 * len(pairs)  # several sequences share a row
     with torch.no_grad():
-        got = completion_logps(model, (x, y))  # (2B,), right-padded batch, one forward
-        for i, (p, c, r) in enumerate(pairs):
-            for row, completion in ((i, c), (len(pairs) + i, r)):
-                seq = torch.tensor([p + completion])  # this sequence alone, no padding
-                logp = torch.log_softmax(model(seq)[0].double(), dim=-1)  # (T, V)
-                manual = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(completion))
-                torch.testing.assert_close(got[row].double(), manual, rtol=1e-5, atol=1e-5)
+        for batch in (padded, packed):  # right-padded rows, one forward; packed rows, one forward
+            got = completion_logps(model, batch)  # (2B,)
+            for i, (p, c, r) in enumerate(pairs):
+                for row, completion in ((i, c), (len(pairs) + i, r)):
+                    seq = torch.tensor([p + completion])  # this sequence alone, no padding
+                    logp = torch.log_softmax(model(seq)[0].double(), dim=-1)  # (T, V)
+                    manual = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(completion))
+                    torch.testing.assert_close(got[row].double(), manual, rtol=1e-5, atol=1e-5)
 
 
 def test_adapters_off_reference_equals_the_base_model_exactly(tiny_data_dir):
@@ -126,12 +128,13 @@ def test_adapters_off_reference_equals_the_base_model_exactly(tiny_data_dir):
     with torch.no_grad():
         for m in lora.lora_layers(policy).values():
             m.lora_B.weight.normal_()  # a trained adapter: the policy now differs from the base
-    x, y = make_batch([tokenize_pair(tok, p, c, r, 64) for p, c, r in PAIRS], tok.pad_id)
+    batch = make_batch([tokenize_pair(tok, p, c, r, 64) for p, c, r in PAIRS], tok.pad_id)
+    x = batch[0]
     with torch.no_grad():
         assert not torch.equal(policy(x), base(x))
         with lora.disable_adapters(policy):
             assert torch.equal(policy(x), base(x))  # bit-identical logits
-        assert torch.equal(reference_logps(policy, None, (x, y)), completion_logps(base.eval(), (x, y)))
+        assert torch.equal(reference_logps(policy, None, batch), completion_logps(base.eval(), batch))
     assert all(not m.disabled for m in lora.lora_layers(policy).values())  # adapters back on after the block
 
 
@@ -221,6 +224,23 @@ def test_short_run_learns_the_preferences_and_keeps_task_accuracy(tiny_data_dir,
         merged, adapted = Transformer.from_pretrained(f"{out}/merged"), Transformer.from_pretrained(out)
         # fp32: merging rounds W + s B A once, the unmerged path adds the two products: ~1e-5 apart
         torch.testing.assert_close(adapted(x), merged(x), rtol=1e-4, atol=1e-4)
+
+
+def test_packing_trains_like_padding(tiny_data_dir, sft_dir, tmp_path):
+    """pack=true: the same per-sequence log-probs from packed rows, so the same losses and weights as padding
+    (fp32, full fine-tuning against a frozen copy, with the RPO term that needs per-sequence lengths)."""
+    common = dict(steps=3, finetune="full", rpo_alpha=1.0, eval_tasks="")
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, str(tmp_path / "padded"), **common))
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, str(tmp_path / "packed"), pack="true", **common))
+    a = load_file(str(tmp_path / "padded" / "model.safetensors"))
+    b = load_file(str(tmp_path / "packed" / "model.safetensors"))
+    # Adam's first steps are about lr * sign(g): summation-order noise in a near-zero gradient can move a weight
+    # either way (1 element in 11k moved 4.5e-5 here), so weights get atol 2e-4; the losses below stay at 1e-5.
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=2e-4)
+    la, lb = ([r for r in log_rows(str(tmp_path / d)) if "loss" in r] for d in ("padded", "packed"))
+    assert len(la) == 3 and all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(la, lb, strict=True))
+    assert lb[-1]["tokens"] < la[-1]["tokens"]  # fewer tokens computed for the same pairs
 
 
 def test_exact_resume_and_precomputed_reference(tiny_data_dir, sft_dir, tmp_path):
