@@ -261,7 +261,8 @@ def _meta_worker(info, tmp):
     dense = tiny_config(num_hidden_layers=4)
     sigmoid_moe = tiny_config(n_experts=4, top_k=2, moe_intermediate_size=16, tie_word_embeddings=False,
                               router="sigmoid_bias")  # fmt: skip
-    for cfg in (dense, sigmoid_moe):
+    tied_shared_moe = tiny_config(n_experts=4, top_k=1, moe_intermediate_size=16, n_shared_experts=1, moe_layers=[1])
+    for cfg in (dense, sigmoid_moe, tied_shared_moe):
         # The unsharded path: the whole model materialized, then init_weights (what a single process does).
         ref = meta_model(cfg, seed=3)
         ref.to_empty(device="cpu")
@@ -282,7 +283,7 @@ def _meta_worker(info, tmp):
             other = meta_model(cfg, seed=4)
             other.to_empty(device="cpu")
             other.init_weights()
-            ckpt = os.path.join(tmp, f"other_{cfg.n_experts}")
+            ckpt = os.path.join(tmp, f"other_{cfg.n_experts}_{cfg.n_shared_experts}")
             if info.rank == 0 and not os.path.isdir(ckpt):
                 other.save_pretrained(ckpt)
             torch.distributed.barrier()
