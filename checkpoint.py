@@ -12,6 +12,9 @@ visible: a crash mid-save leaves only a `.tmp` folder that resume ignores. On re
 complete checkpoint is checked against its manifest; a truncated or corrupted file stops the run
 with a message naming it and the previous good checkpoint. Nothing here unpickles: tensors are
 safetensors, everything else JSON.
+
+Also here, because they are about what lives in an out_dir: `lock_out_dir` (one run per out_dir at a time)
+and the model files of a fine-tuning checkpoint (`write_finetuned` / `read_finetuned` / `write_merged`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import random
 import shutil
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import UserError
+
+if TYPE_CHECKING:
+    from train_common import Run
 
 # ----------------------------------------------------------------------------- RNG state
 
@@ -241,3 +248,85 @@ def export_final(out_dir: str, ckpt_dir: str) -> None:
             tmp = os.path.join(out_dir, name + ".tmp")
             shutil.copyfile(src, tmp)
             os.replace(tmp, os.path.join(out_dir, name))
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+
+_LOCKED: dict[str, int] = {}  # real path of an out_dir -> the descriptor holding its lock in this process
+
+
+def lock_out_dir(out_dir: str) -> None:
+    """Hold an exclusive lock on out_dir until the run finishes: a second run pointed at it stops at once.
+
+    Two runs writing one out_dir would prune each other's checkpoints and rewrite each other's log.jsonl.
+    flock on the directory itself creates no file, and the kernel drops the lock when its process dies (even
+    by kill -9), so there is never a stale lock to delete. A run in this same process re-entering is allowed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; one run per out_dir is then up to the user
+        return
+    key = os.path.realpath(out_dir)
+    if key in _LOCKED:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"out_dir: {out_dir} is in use by another training run; wait for it to finish or choose another out_dir"
+        ) from None
+    except OSError as e:  # a filesystem without flock (Lustre mounted without it: ENOSYS): run unlocked
+        os.close(fd)
+        print(f"note: cannot lock {out_dir} ({e.strerror}); make sure no other run uses it", flush=True)
+        return
+    _LOCKED[key] = fd
+
+
+def unlock_out_dir(out_dir: str) -> None:
+    fd = _LOCKED.pop(os.path.realpath(out_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# ----------------------------------------------------------------------------- fine-tuning outputs (SFT, DPO)
+
+
+def write_finetuned(raw_model: torch.nn.Module, path: str, tokenizer_dir: str, base_dir: str, state_dict=None) -> None:
+    """The model files of a fine-tuning checkpoint. A LoRA model writes only its adapter (PEFT layout, with
+    base_model_name_or_path = base_dir) plus the tokenizer files; a full model writes config.json +
+    model.safetensors (state_dict: the full weights gathered from FSDP shards, else the model's own)."""
+    import lora
+    from model import TOKENIZER_FILES
+
+    if lora.lora_layers(raw_model):
+        lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+    else:
+        raw_model.save_pretrained(path, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
+
+
+def read_finetuned(run: Run, raw_model: torch.nn.Module, ckpt_dir: str) -> None:
+    """Load what write_finetuned wrote back into the running model (resume): the adapter weights into the
+    existing LoRA layers, or the full weights into the (possibly wrapped) model."""
+    import lora
+    from model import Transformer
+
+    if lora.lora_layers(raw_model):
+        lora.load_adapter(raw_model, ckpt_dir)  # the layers exist already: this only copies A and B
+    else:
+        sd = Transformer.from_pretrained(ckpt_dir, device=run.device).state_dict()
+        run.du.load_full_state_dict(run.model, sd)
+
+
+def write_merged(raw_model: torch.nn.Module, out_dir: str, tokenizer_dir: str) -> str:
+    """OUT/merged: a plain checkpoint with every LoRA update folded into its base weight (QLoRA: into the
+    dequantized base), which sample.py, eval.py, transformers and the next stage read like any model."""
+    import lora
+
+    merged = os.path.join(out_dir, "merged")
+    raw_model.save_pretrained(merged, tokenizer_dir=tokenizer_dir, state_dict=lora.merged_state_dict(raw_model))
+    return merged

@@ -14,8 +14,8 @@ must exist exactly once lives here (STYLE.md rule 11):
   atomic, with a manifest written last, RNG and data position included, verified on resume.
 - `RunLogger`: one JSON object per logged step in `OUT/log.jsonl`, optional wandb, a loss-curve PNG.
 - `StopFlag`: SIGTERM / SIGINT ask the loop to save at the next step boundary and exit 0.
-- `lock_out_dir`: one run per out_dir at a time; resume=never refuses an out_dir holding an earlier
-  run's checkpoints unless overwrite=true says to delete them.
+- One run per out_dir (checkpoint.lock_out_dir, taken in Run.resume); a new run (resume=never, or resume=PATH
+  elsewhere) refuses an out_dir holding an earlier run's checkpoints unless overwrite=true says to delete them.
 """
 
 from __future__ import annotations
@@ -38,12 +38,17 @@ from checkpoint import (  # noqa: F401  (re-exported for the loops)
     list_checkpoints,
     load_optimizer_tensors,
     load_train_state,
+    lock_out_dir,
     optimizer_tensors,
+    read_finetuned,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    unlock_out_dir,
     verify_checkpoint,
+    write_finetuned,
     write_manifest,
+    write_merged,
 )
 from config import UserError, to_dict
 
@@ -227,46 +232,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         t /= torch.distributed.get_world_size()
     return t
-
-
-# ----------------------------------------------------------------------------- one run per out_dir
-
-_LOCKED: dict[str, int] = {}  # real path of an out_dir -> the descriptor holding its lock in this process
-
-
-def lock_out_dir(out_dir: str) -> None:
-    """Hold an exclusive lock on out_dir until the run finishes: a second run pointed at it stops at once.
-
-    Two runs writing one out_dir would prune each other's checkpoints and rewrite each other's log.jsonl.
-    flock on the directory itself creates no file, and the kernel drops the lock when its process dies (even
-    by kill -9), so there is never a stale lock to delete. A run in this same process re-entering is allowed.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows has no flock; one run per out_dir is then up to the user
-        return
-    key = os.path.realpath(out_dir)
-    if key in _LOCKED:
-        return
-    fd = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f"out_dir: {out_dir} is in use by another training run; wait for it to finish or choose another out_dir"
-        ) from None
-    except OSError as e:  # a filesystem without flock (Lustre mounted without it: ENOSYS): run unlocked
-        os.close(fd)
-        print(f"note: cannot lock {out_dir} ({e.strerror}); make sure no other run uses it", flush=True)
-        return
-    _LOCKED[key] = fd
-
-
-def unlock_out_dir(out_dir: str) -> None:
-    fd = _LOCKED.pop(os.path.realpath(out_dir), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 # ----------------------------------------------------------------------------- logging
@@ -610,45 +575,3 @@ def guess_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         return 100e12
     # CPU: cores x ~2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); only a yardstick.
     return (os.cpu_count() or 1) * 2.5e9 * 32
-
-
-# ----------------------------------------------------------------------------- fine-tuning outputs (SFT, DPO)
-
-
-def write_finetuned(raw_model: torch.nn.Module, path: str, tokenizer_dir: str, base_dir: str, state_dict=None) -> None:
-    """The model files of a fine-tuning checkpoint. A LoRA model writes only its adapter (PEFT layout, with
-    base_model_name_or_path = base_dir) plus the tokenizer files; a full model writes config.json +
-    model.safetensors (state_dict: the full weights gathered from FSDP shards, else the model's own)."""
-    import lora
-    from model import TOKENIZER_FILES
-
-    if lora.lora_layers(raw_model):
-        lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
-    else:
-        raw_model.save_pretrained(path, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
-
-
-def read_finetuned(run: Run, raw_model: torch.nn.Module, ckpt_dir: str) -> None:
-    """Load what write_finetuned wrote back into the running model (resume): the adapter weights into the
-    existing LoRA layers, or the full weights into the (possibly wrapped) model."""
-    import lora
-    from model import Transformer
-
-    if lora.lora_layers(raw_model):
-        lora.load_adapter(raw_model, ckpt_dir)  # the layers exist already: this only copies A and B
-    else:
-        sd = Transformer.from_pretrained(ckpt_dir, device=run.device).state_dict()
-        run.du.load_full_state_dict(run.model, sd)
-
-
-def write_merged(raw_model: torch.nn.Module, out_dir: str, tokenizer_dir: str) -> str:
-    """OUT/merged: a plain checkpoint with every LoRA update folded into its base weight (QLoRA: into the
-    dequantized base), which sample.py, eval.py, transformers and the next stage read like any model."""
-    import lora
-
-    merged = os.path.join(out_dir, "merged")
-    raw_model.save_pretrained(merged, tokenizer_dir=tokenizer_dir, state_dict=lora.merged_state_dict(raw_model))
-    return merged

@@ -19,6 +19,7 @@ import torch
 from conftest import MICRO_MODEL, ROOT
 from safetensors.torch import load_file
 
+import checkpoint
 import train_common as tc
 import train_pretrain
 from config import UserError, parse_args
@@ -235,7 +236,7 @@ def test_out_dir_lock_degrades_on_filesystems_without_flock(tmp_path, monkeypatc
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     tc.lock_out_dir(str(tmp_path))
-    assert "cannot lock" in capsys.readouterr().out and os.path.realpath(tmp_path) not in tc._LOCKED
+    assert "cannot lock" in capsys.readouterr().out and os.path.realpath(tmp_path) not in checkpoint._LOCKED
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_data_dir, tmp_path):
