@@ -223,14 +223,21 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position where each token's document begins, documents being runs of equal ids in packed rows."""
+    B, T = document_ids.shape
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T) a document begins here
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    return torch.cummax(torch.where(first, index, 0), dim=1).values
+
+
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool for packed rows: a token sees earlier tokens of its own document (a run of equal ids)."""
+    """(B, 1, T, T) bool for packed rows: query m sees key n when its document's start <= n <= m."""
     T = document_ids.shape[1]
-    change = torch.ones_like(document_ids, dtype=torch.bool)
-    change[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    run = change.cumsum(1)  # (B, T) which run (document) each token is in; an id used again later starts a new one
-    same = run[:, :, None] == run[:, None, :]  # (B, T, T)
-    mask = same & torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # causal within a document
+    keys = torch.arange(T, device=document_ids.device)
+    in_document = keys[None, None, :] >= document_starts(document_ids)[:, :, None]  # (B, T, T)
+    mask = in_document & torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # and not future
     return mask[:, None]
 
 
@@ -426,11 +433,8 @@ class Transformer(nn.Module):
         mask None or bool (B|1, 1, T, S), True = may attend.
         """
         if document_ids is not None:  # packed rows: each document restarts at position 0 and sees only itself
-            starts = torch.ones_like(document_ids, dtype=torch.bool)
-            starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # (B, T) first token of each document
-            index = torch.arange(T, device=device).expand(B, T)
-            first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # (B, T) where my document began
-            return index - first, document_ids, False  # attention() turns the ids into a mask, or the kernel uses them
+            positions = torch.arange(T, device=device) - document_starts(document_ids)  # (B, T)
+            return positions, document_ids, False  # attention() turns the ids into a mask, or the kernel uses them
         S = start_pos + T
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is not None:
