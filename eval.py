@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from config import UserError, run_cli
-from sample import generate, load_for_inference, stop_ids_of
+from generation import generate, load_for_inference, stop_ids_of
 from tasks import exact_match, load_jsonl
 
 # ----------------------------------------------------------------------------- task accuracy (greedy exact match)

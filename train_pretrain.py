@@ -31,6 +31,7 @@ import torch
 
 import train_common as tc
 from config import UserError, run_cli
+from generation import generate
 from hf_checkpoint import LazyStateDict
 from model import ModelConfig, Transformer
 from prepare_data import TokenStream
@@ -239,8 +240,6 @@ def flatten_moe_metrics(metrics: dict) -> dict:
 @torch.no_grad()
 def print_sample(model, tokenizer, cfg: PretrainConfig, device) -> None:
     """One sampled continuation of `sample_prompt`, with its own generator so training RNG is untouched."""
-    from sample import generate
-
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     ids = tokenizer.encode(cfg.sample_prompt, bos=True)
     was_training = model.training

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generation import generate
 from model import ATTN_IMPLS, MLP, TOKENIZER_FILES, RMSNorm, Transformer, attention
 
 IMAGE_TAG = "<image>"
@@ -346,7 +347,6 @@ def generate_answer(model: VLM, tokenizer, images: list, questions: list[str], m
     images: paths, PIL images or uint8 arrays; a question without "<image>" gets the image in front of it.
     sampling: generate()'s options (temperature, top_k, top_p, generator, stop_ids, ...); stops at <|end|>/EOS.
     """
-    from sample import generate
     from vlm_data import image_to_tensor
 
     vision = model.vision_tower.config

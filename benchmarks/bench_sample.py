@@ -1,11 +1,11 @@
-"""Generation speed: the KV cache vs recomputing the context, and sample.generate vs transformers' generate.
+"""Generation speed: the KV cache vs recomputing the context, and generation.generate vs transformers' generate.
 
 Two ratios, each measured interleaved (A, B, A, B, ...) so machine noise hits both alike, median of repeats:
-  * cache vs recompute: sample.generate(use_cache=True) against use_cache=False, which re-runs the whole
+  * cache vs recompute: generation.generate(use_cache=True) against use_cache=False, which re-runs the whole
     sequence for every new token. A decode step with the cache costs one token's matmuls plus attention over
     the cached keys; without it a step costs a full forward over everything so far, so the gap grows with
     the number of new tokens (expect >= 5x at 256 new tokens on the tiny preset).
-  * ours vs HF: sample.generate (greedy, cache) against LlamaForCausalLM.generate(do_sample=False) on the
+  * ours vs HF: generation.generate (greedy, cache) against LlamaForCausalLM.generate(do_sample=False) on the
     same random weights (our checkpoint dir loaded by transformers), same prompt, same number of tokens.
     Both produce the same tokens; the check below says so.
 
@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generation import generate  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from sample import generate  # noqa: E402
 
 
 def interleaved(fns: dict, repeats: int) -> dict:

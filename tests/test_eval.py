@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import MICRO_MODEL
 
 import eval as ev
-import sample
+import generation
 from config import UserError, run_cli
 from model import ModelConfig, Transformer
 from prepare_data import read_shard
@@ -47,7 +47,7 @@ def test_bits_per_byte_on_text_equals_loss_converted_by_hand(ckpt, tmp_path):
     text = "The old man paints a quiet river near the station. Ünïcode costs more bytes than characters.\n"
     path = tmp_path / "doc.txt"
     path.write_text(text, encoding="utf-8")
-    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
     ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
     with torch.no_grad():
         loss = float(model(ids[:, :-1], targets=ids[:, 1:]))  # mean nats over every text token
@@ -63,7 +63,7 @@ def test_bits_per_byte_on_text_equals_loss_converted_by_hand(ckpt, tmp_path):
 
 
 def test_shard_loss_equals_plain_window_loop(ckpt, tiny_data_dir):
-    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
     tokens = np.concatenate([read_shard(os.path.join(tiny_data_dir, f)) for f in sorted(os.listdir(tiny_data_dir))
                              if f.startswith("val_")]).astype(np.int64)  # fmt: skip
     T, nats, count = 32, 0.0, 0
@@ -81,7 +81,7 @@ def test_shard_loss_equals_plain_window_loop(ckpt, tiny_data_dir):
 
 
 def test_shards_of_another_tokenizer_are_refused(ckpt, tiny_data_dir, tmp_path):
-    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
     other = tmp_path / "other"
     other.mkdir()
     meta = json.load(open(os.path.join(tiny_data_dir, "meta.json")))
@@ -152,7 +152,7 @@ def test_choice_scoring_where_length_normalization_matters():
 
 
 def test_choice_boundary_comes_from_the_joint_tokenization(ckpt):
-    _, tok = sample.load_for_inference(ckpt, device="cpu")
+    _, tok = generation.load_for_inference(ckpt, device="cpu")
     ctx, cont = ev.encode_choice(tok, "The cat sees", " the red ball")
     assert ctx + cont == [tok.bos_id] + tok.encode("The cat sees the red ball")
 
@@ -161,12 +161,12 @@ def test_choice_boundary_comes_from_the_joint_tokenization(ckpt):
 
 
 def test_task_accuracy_counts_greedy_answers(ckpt):
-    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
     prompts = ["1 + 1 = ?", "len('ab') = ?", "max(3, 4) = ?", "'a'.upper() = ?"]
     rows = []
     for i, p in enumerate(prompts):
         ids, _ = tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-        out = sample.generate(model, [ids], 8, temperature=0.0, stop_ids=sample.stop_ids_of(tok))[0]
+        out = generation.generate(model, [ids], 8, temperature=0.0, stop_ids=generation.stop_ids_of(tok))[0]
         said = tok.decode(out)
         rows.append({"prompt": p, "answer": said if i % 2 == 0 else said + "!", "family": "easy" if i < 2 else "hard"})
     got = ev.task_accuracy(model, tok, rows, max_new_tokens=8, batch_size=3)

@@ -1,6 +1,6 @@
 """sample.py: KV-cache generation against plain recomputation, sampling filters, stop strings, loading, chat.
 
-References are independent of sample.generate: a hand-written argmax loop over full forwards, brute-force
+References are independent of generation.generate: a hand-written argmax loop over full forwards, brute-force
 nucleus sets, hand-computed penalties, and transformers/LoRA-in-memory logits for the loaders.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_sample.py
 """
@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import MICRO_MODEL, ROOT
 
+import generation
 import sample
 from config import UserError, run_cli
 from model import ModelConfig, Transformer
@@ -57,17 +58,17 @@ def argmax_reference(model, prompt, n):
 def test_greedy_is_deterministic_and_equals_argmax_without_cache(model):
     prompt = [1, 17, 230, 5, 99]
     ref = argmax_reference(model, prompt, 24)
-    first = sample.generate(model, [prompt], 24, temperature=0.0)[0]
-    second = sample.generate(model, [prompt], 24, temperature=0.0)[0]
-    no_cache = sample.generate(model, [prompt], 24, temperature=0.0, use_cache=False)[0]
+    first = generation.generate(model, [prompt], 24, temperature=0.0)[0]
+    second = generation.generate(model, [prompt], 24, temperature=0.0)[0]
+    no_cache = generation.generate(model, [prompt], 24, temperature=0.0, use_cache=False)[0]
     assert first == second == ref
     assert no_cache == ref
 
 
 def test_batched_left_padded_equals_one_prompt_at_a_time(model):
     prompts = [[1, 40], [1, 7, 300, 12, 9, 81, 4], [1, 500, 3, 3, 3, 3, 3, 3, 3, 3, 3, 64]]
-    batch = sample.generate(model, prompts, 12, temperature=0.0)
-    batch_no_cache = sample.generate(model, prompts, 12, temperature=0.0, use_cache=False)
+    batch = generation.generate(model, prompts, 12, temperature=0.0)
+    batch_no_cache = generation.generate(model, prompts, 12, temperature=0.0, use_cache=False)
     alone = [argmax_reference(model, p, 12) for p in prompts]
     assert batch == alone
     assert batch_no_cache == alone
@@ -88,14 +89,14 @@ def test_batched_left_padded_equals_one_prompt_at_a_time(model):
 def test_top_k_one_equals_greedy(model):
     prompts = [[1, 2, 3, 4], [1, 99]]
     gen = torch.Generator().manual_seed(0)
-    topk1 = sample.generate(model, prompts, 16, temperature=1.3, top_k=1, generator=gen)
+    topk1 = generation.generate(model, prompts, 16, temperature=1.3, top_k=1, generator=gen)
     assert topk1 == [argmax_reference(model, p, 16) for p in prompts]
 
 
 def test_seed_makes_sampling_reproducible(model):
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
-        return sample.generate(model, [[1, 2, 3]], 16, temperature=1.0, top_p=0.9, generator=gen)
+        return generation.generate(model, [[1, 2, 3]], 16, temperature=1.0, top_p=0.9, generator=gen)
 
     assert run(5) == run(5)
     assert run(5) != run(6)  # 16 draws from a near-uniform 512-way distribution: a collision is ~impossible
@@ -109,22 +110,22 @@ def test_top_p_keeps_smallest_set_reaching_p():
         order = sorted(range(5), key=lambda i: -probs[i])
         k = next(k for k in range(1, 6) if sum(probs[i] for i in order[:k]) >= p - 1e-9)
         want = set(order[:k])
-        kept = set(torch.isfinite(sample.filter_top_p(logits, p))[0].nonzero().flatten().tolist())
+        kept = set(torch.isfinite(generation.filter_top_p(logits, p))[0].nonzero().flatten().tolist())
         assert kept == want, (p, kept, want)
-    assert set(torch.isfinite(sample.filter_top_k(logits, 2))[0].nonzero().flatten().tolist()) == {1, 3}
+    assert set(torch.isfinite(generation.filter_top_k(logits, 2))[0].nonzero().flatten().tolist()) == {1, 3}
 
 
 def test_repetition_penalty_by_hand():
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
     seen = torch.tensor([[True, True, False, False]])
-    out = sample.apply_repetition_penalty(logits, seen, 2.0)
+    out = generation.apply_repetition_penalty(logits, seen, 2.0)
     torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, -1.0]]), rtol=0, atol=0)
 
 
 def test_stop_ids_end_a_row_early_and_are_not_returned(model):
     prompt = [1, 17, 230]
     ref = argmax_reference(model, prompt, 10)
-    out = sample.generate(model, [prompt, [1, 4]], 10, temperature=0.0, stop_ids=(ref[3],))
+    out = generation.generate(model, [prompt, [1, 4]], 10, temperature=0.0, stop_ids=(ref[3],))
     assert out[0] == ref[: ref.index(ref[3])]
 
 
@@ -132,29 +133,29 @@ def test_stop_ids_end_a_row_early_and_are_not_returned(model):
 
 
 def test_cut_at_stop_takes_the_earliest_stop():
-    assert sample.cut_at_stop("abc\n\ndef###", ["###", "\n\n"]) == ("abc", True)
-    assert sample.cut_at_stop("abc", ["x"]) == ("abc", False)
-    assert sample.cut_at_stop("abc", []) == ("abc", False)
+    assert generation.cut_at_stop("abc\n\ndef###", ["###", "\n\n"]) == ("abc", True)
+    assert generation.cut_at_stop("abc", ["x"]) == ("abc", False)
+    assert generation.cut_at_stop("abc", []) == ("abc", False)
 
 
 def test_stop_string_cuts_generation_at_the_right_place(model, tiny_data_dir):
     tok = Tokenizer(tiny_data_dir)
     prompt = tok.encode("The cat", bos=True)
     ids = argmax_reference(model, prompt, 30)
-    text = sample.continuation(tok.decode, prompt, ids)
+    text = generation.continuation(tok.decode, prompt, ids)
     stop = text[6:9]  # some three characters from the middle of the greedy continuation
     assert len(stop) == 3 and stop.strip()
-    out = sample.generate(model, [prompt], 30, temperature=0.0, stop_strings=(stop,), decode=tok.decode)[0]
+    out = generation.generate(model, [prompt], 30, temperature=0.0, stop_strings=(stop,), decode=tok.decode)[0]
     assert out == ids[: len(out)]  # the same greedy path, ended early
-    assert stop in sample.continuation(tok.decode, prompt, out)  # stopped once the string is complete ...
-    assert stop not in sample.continuation(tok.decode, prompt, out[:-1])  # ... and not one token later
-    cut, found = sample.cut_at_stop(sample.continuation(tok.decode, prompt, out), [stop])
+    assert stop in generation.continuation(tok.decode, prompt, out)  # stopped once the string is complete ...
+    assert stop not in generation.continuation(tok.decode, prompt, out[:-1])  # ... and not one token later
+    cut, found = generation.cut_at_stop(generation.continuation(tok.decode, prompt, out), [stop])
     assert found and cut == text[: text.index(stop)]
 
 
 def test_stream_holds_back_a_possible_stop_string():
     decode = lambda ids: "".join(chr(i) for i in ids)  # one character per id
-    stream = sample.TextStream(decode, [ord(">")], ["\n\n", "END"])
+    stream = generation.TextStream(decode, [ord(">")], ["\n\n", "END"])
     shown = []
     for ch in "ab\nc\nEN!E\n\nnever shown":
         shown.append(stream.feed(ord(ch)))
@@ -169,7 +170,7 @@ def test_stream_holds_back_a_possible_stop_string():
 def test_stream_holds_back_half_a_character():
     pieces = {1: "a", 2: "\ufffd", 3: "é"}  # byte fallback: a lone first byte decodes to U+FFFD
     decode = lambda ids: "".join(pieces[i] for i in ids).replace("\ufffdé", "é")
-    stream = sample.TextStream(decode, [], [])
+    stream = generation.TextStream(decode, [], [])
     assert stream.feed(1) == "a"
     assert stream.feed(2) == ""
     assert stream.feed(3) == "é"
@@ -195,7 +196,7 @@ def test_lora_adapter_dir_loads_on_its_base(ckpt, tmp_path):
             p.normal_(0, 0.05)  # B starts at zero: make the adapter change the output
     adapter = str(tmp_path / "adapter")
     lora.save_adapter(base, adapter, base_model_name_or_path=ckpt)
-    loaded, tok = sample.load_for_inference(adapter, device="cpu")
+    loaded, tok = generation.load_for_inference(adapter, device="cpu")
     assert tok.vocab_size == 512  # the tokenizer came from the base dir
     idx = torch.tensor([[1, 5, 9, 200, 3]])
     with torch.no_grad():
@@ -210,7 +211,7 @@ def test_hf_written_llama_dir_loads(ckpt, tmp_path, tiny_data_dir):
     for name in ("tokenizer.model", "tokenizer_config.json"):
         with open(os.path.join(tiny_data_dir, name), "rb") as src, open(os.path.join(hf_dir, name), "wb") as dst:
             dst.write(src.read())
-    loaded, _ = sample.load_for_inference(hf_dir, device="cpu")
+    loaded, _ = generation.load_for_inference(hf_dir, device="cpu")
     idx = torch.tensor([[1, 5, 9, 200, 3]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), hf(idx).logits, rtol=1e-4, atol=1e-5)
@@ -237,29 +238,29 @@ def test_hf_tokenizer_checkpoint_samples_and_chats_through_transformers(tmp_path
     hf_tok.save_pretrained(path)
     assert not os.path.exists(os.path.join(path, "tokenizer.model"))
 
-    model, tok = sample.load_for_inference(path, device="cpu")
-    assert isinstance(tok, sample.HFTokenizer) and tok.vocab_size == len(hf_tok)
+    model, tok = generation.load_for_inference(path, device="cpu")
+    assert isinstance(tok, generation.HFTokenizer) and tok.vocab_size == len(hf_tok)
     text = "the red dog sees a ball"
     assert tok.encode(text, bos=True) == [hf_tok.bos_token_id] + hf_tok(text, add_special_tokens=False).input_ids
     assert tok.decode(tok.encode(text)) == text
     messages = [{"role": "user", "content": "the cat"}]
     ids, mask = tok.render_chat(messages, add_generation_prompt=True)
     assert ids == list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
-    assert sample.stop_ids_of(tok) == (hf_tok.eos_token_id,)  # no <|end|> marker in this tokenizer
+    assert generation.stop_ids_of(tok) == (hf_tok.eos_token_id,)  # no <|end|> marker in this tokenizer
 
     cfg = sample.SampleConfig(checkpoint=path, prompt="the cat", temperature=0.0, max_new_tokens=5, device="cpu")
     body = sample.main(cfg)[0]
-    new = sample.generate(model, [tok.encode("the cat", bos=True)], 5, temperature=0.0, stop_ids=(tok.eos_id,))[0]
-    assert body == sample.continuation(tok.decode, tok.encode("the cat", bos=True), new)
+    new = generation.generate(model, [tok.encode("the cat", bos=True)], 5, temperature=0.0, stop_ids=(tok.eos_id,))[0]
+    assert body == generation.continuation(tok.decode, tok.encode("the cat", bos=True), new)
 
 
 def test_bad_checkpoints_are_one_line_errors(ckpt, tmp_path, capsys):
     with pytest.raises(UserError, match="no directory"):
-        sample.load_for_inference(str(tmp_path / "missing"))
+        generation.load_for_inference(str(tmp_path / "missing"))
     small = str(tmp_path / "small")  # the tokenizer has 512 tokens, this model only 256
     micro_model(vocab_size=256).save_pretrained(small, tokenizer_dir=ckpt)
     with pytest.raises(UserError, match="vocabulary mismatch"):
-        sample.load_for_inference(small)
+        generation.load_for_inference(small)
     broken = str(tmp_path / "broken")
     micro_model().save_pretrained(broken)
     weights = os.path.join(broken, "model.safetensors")
@@ -295,8 +296,8 @@ def test_chat_answers_through_piped_stdin(ckpt):
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("assistant> ") for line in lines), proc.stdout
     # The first answer is what greedy generation gives for the rendered one-turn chat.
-    model, tok = sample.load_for_inference(ckpt, device="cpu")
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
     ids, _ = tok.render_chat([{"role": "user", "content": "The cat sees"}], add_generation_prompt=True)
-    new = sample.generate(model, [ids], 6, temperature=0.0, stop_ids=sample.stop_ids_of(tok))[0]
-    assert lines[0] == "assistant> " + sample.continuation(tok.decode, ids, new)
+    new = generation.generate(model, [ids], 6, temperature=0.0, stop_ids=generation.stop_ids_of(tok))[0]
+    assert lines[0] == "assistant> " + generation.continuation(tok.decode, ids, new)
     assert proc.stderr.count("tokens/s") == 2

@@ -184,7 +184,7 @@ def test_splice_matches_transformers_inputs_embeds(tok, tmp_path):
 
 
 def test_generation_with_kv_cache_equals_recompute(tok):
-    from sample import generate
+    from generation import generate
 
     model = micro_vlm(tok, seed=1).eval()
     rows = vlm_data.make_examples(3)
