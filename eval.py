@@ -16,7 +16,7 @@ What is measured (each part is skipped when its input is set to ""):
   (each document is BOS + its tokens; every text token is predicted); for shards the byte count is
   the predicted tokens times meta.json's val text_bytes / tokens.
 - Exact match on the built-in held-out tasks (`tasks`, rows {"prompt", "answer"}): greedy decoding of
-  a one-turn chat, scored by tasks.exact_match (`task_accuracy`, also used by the SFT/DPO loops).
+  a one-turn chat, scored by tasks.exact_match (`tasks.task_accuracy`, also used by the SFT/DPO loops).
 - Multiple choice (`choices`, rows {"context", "choices", "label"} as in HellaSwag / ARC; tasks.py
   writes choice_test.jsonl): each choice is scored by the log-likelihood of its tokens given the
   context, sum over the choice's tokens of log p(token | everything before it). The choice is appended
@@ -44,43 +44,14 @@ import json
 import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from config import UserError, run_cli
-from generation import generate, load_for_inference, stop_ids_of
-from tasks import exact_match, load_jsonl
-
-# ----------------------------------------------------------------------------- task accuracy (greedy exact match)
-
-
-@torch.no_grad()
-def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, batch_size: int = 32) -> dict:
-    """Greedy exact-match accuracy on built-in task rows {"prompt", "answer", "family"}.
-
-    Each prompt is rendered as a one-turn chat ending in the assistant marker; generation stops at
-    the chat end marker or EOS. Returns {"accuracy": float, "by_family": {family: float}, "n": int}.
-    """
-    was_training = model.training
-    model.eval()
-    stop = stop_ids_of(tokenizer)
-    correct, by_family = [], defaultdict(list)
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        prompts = [tokenizer.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
-                   for r in chunk]  # fmt: skip
-        outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop)
-        for row, out in zip(chunk, outs, strict=True):
-            ok = exact_match(tokenizer.decode(out), row["answer"])
-            correct.append(ok)
-            by_family[row.get("family", "all")].append(ok)
-    model.train(was_training)
-    acc = sum(correct) / max(1, len(correct))
-    return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
-
+from generation import load_for_inference
+from tasks import load_jsonl, task_accuracy
 
 # ----------------------------------------------------------------------------- loss over token sequences
 

@@ -48,10 +48,13 @@ import hashlib
 import json
 import os
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from config import UserError, run_cli
+from generation import generate, stop_ids_of
 
 FAMILIES = ("easy", "medium", "hard")
 HELDOUT_PERCENT = 20  # share of the expression space reserved for the test side (by hash of the expression)
@@ -527,6 +530,34 @@ def write_tasks(out_dir: str, seed: int = 0, n_train: int = 3000, n_test: int = 
         json.dump(meta, fh, indent=2)
         fh.write("\n")
     return meta
+
+
+# ----------------------------------------------------------------------------- task accuracy (greedy exact match)
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, batch_size: int = 32) -> dict:
+    """Greedy exact-match accuracy on built-in task rows {"prompt", "answer", "family"}.
+
+    Each prompt is rendered as a one-turn chat ending in the assistant marker; generation stops at
+    the chat end marker or EOS. Returns {"accuracy": float, "by_family": {family: float}, "n": int}.
+    """
+    was_training = model.training
+    model.eval()
+    stop = stop_ids_of(tokenizer)
+    correct, by_family = [], defaultdict(list)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        prompts = [tokenizer.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
+                   for r in chunk]  # fmt: skip
+        outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop)
+        for row, out in zip(chunk, outs, strict=True):
+            ok = exact_match(tokenizer.decode(out), row["answer"])
+            correct.append(ok)
+            by_family[row.get("family", "all")].append(ok)
+    model.train(was_training)
+    acc = sum(correct) / max(1, len(correct))
+    return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -38,7 +38,7 @@ Key choices:
 
 Checkpoints, resume, logging, signals and the non-finite-step guard are train_common.Run's, as in
 train_pretrain.py. Every `eval_every` steps greedy exact-match accuracy on the held-out built-in tasks is
-logged (eval.task_accuracy), with the starting model's accuracy logged at step 0 for comparison.
+logged (tasks.task_accuracy), with the starting model's accuracy logged at step 0 for comparison.
 
 Shapes: B pairs per micro-batch (2B rows through the model), T time, V vocabulary.
 """
@@ -57,10 +57,9 @@ import torch.nn.functional as F
 import lora
 import train_common as tc
 from config import UserError, run_cli
-from eval import task_accuracy
-from tasks import TEST_KEYS, load_jsonl
+from finetune import ExampleSampler, collate, load_base, pack
+from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
-from train_sft import ExampleSampler, collate, load_base, pack
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -237,7 +236,7 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, seq_len: int):
 
 
 def sequence_example(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
-    """prompt + completion -> (x, y) for train_sft.collate: y[t] = x[t+1] on completion tokens, else -1.
+    """prompt + completion -> (x, y) for finetune.collate: y[t] = x[t+1] on completion tokens, else -1.
     The prediction made at the last prompt token (<|assistant|>) is the first completion token."""
     s = prompt_ids + completion_ids
     return s[:-1], [-1] * (len(prompt_ids) - 1) + completion_ids

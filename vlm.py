@@ -367,7 +367,7 @@ def generate_answer(model: VLM, tokenizer, images: list, questions: list[str], m
 
 def vqa_accuracy(model: VLM, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 8) -> dict:
     """Greedy exact-match accuracy on one-question examples (vlm_data rows: the first user turn is asked, "answer"
-    is the truth), like eval.task_accuracy: {"accuracy": float, "by_family": {family: float}, "n": int}."""
+    is the truth), like tasks.task_accuracy: {"accuracy": float, "by_family": {family: float}, "n": int}."""
     from tasks import exact_match
 
     correct, by_family = [], defaultdict(list)

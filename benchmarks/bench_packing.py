@@ -6,7 +6,7 @@
 
 What is measured
 - The share of computed tokens that are padding, for right-padding each micro-batch to its longest
-  example (train_sft.collate) and for packing it into seq_len rows (train_sft.pack).
+  example (finetune.collate) and for packing it into seq_len rows (finetune.pack).
 - Step time (forward, backward, AdamW) of full fine-tuning on the same micro-batches, padded and packed,
   interleaved round by round so that machine load hits both alike; the median over rounds and the ratio.
   Both give the same loss (tests/test_train_sft.py::test_packing_trains_like_padding checks it); only the
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train_sft  # noqa: E402
+import finetune  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -76,10 +76,10 @@ def main() -> None:
 
     tok = Tokenizer(args.data)
     rows = [json.loads(line) for line in open(os.path.join(args.data, "sft_train.jsonl"))]
-    examples = [train_sft.render_example(tok, r["messages"], args.seq) for r in rows]
+    examples = [finetune.render_example(tok, r["messages"], args.seq) for r in rows]
     chunks = [examples[i : i + args.batch] for i in range(0, args.batch * args.rounds, args.batch)]
-    padded = [(*train_sft.collate(c, tok.pad_id), None) for c in chunks]
-    packed = [train_sft.pack(c, tok.pad_id, args.seq) for c in chunks]
+    padded = [(*finetune.collate(c, tok.pad_id), None) for c in chunks]
+    packed = [finetune.pack(c, tok.pad_id, args.seq) for c in chunks]
     real = sum(len(x) for c in chunks for x, _ in c)
     pad_cells, pack_cells = sum(b[0].numel() for b in padded), sum(b[0].numel() for b in packed)
     print(f"{len(chunks)} micro-batches of {args.batch} examples, seq_len {args.seq}, {real:,} real tokens")

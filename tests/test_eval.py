@@ -18,6 +18,7 @@ from conftest import MICRO_MODEL
 
 import eval as ev
 import generation
+import tasks
 from config import UserError, run_cli
 from model import ModelConfig, Transformer
 from prepare_data import read_shard
@@ -169,7 +170,7 @@ def test_task_accuracy_counts_greedy_answers(ckpt):
         out = generation.generate(model, [ids], 8, temperature=0.0, stop_ids=generation.stop_ids_of(tok))[0]
         said = tok.decode(out)
         rows.append({"prompt": p, "answer": said if i % 2 == 0 else said + "!", "family": "easy" if i < 2 else "hard"})
-    got = ev.task_accuracy(model, tok, rows, max_new_tokens=8, batch_size=3)
+    got = tasks.task_accuracy(model, tok, rows, max_new_tokens=8, batch_size=3)
     assert got == {"accuracy": 0.5, "by_family": {"easy": 0.5, "hard": 0.5}, "n": 4}
 
 

@@ -15,6 +15,7 @@ import torch
 from conftest import MICRO_MODEL, ROOT
 from safetensors.torch import load_file
 
+import finetune
 import lora
 import train_sft
 from config import UserError, load_yaml, parse_args
@@ -77,7 +78,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tiny_data_dir):
         {"role": "user", "content": "'ab' * 2 = ?"},
         {"role": "assistant", "content": "'abab'"},
     ]
-    x, y = train_sft.render_example(tok, messages, seq_len=200)
+    x, y = finetune.render_example(tok, messages, seq_len=200)
     # Reference built from plain encode(): each assistant answer's tokens followed by <|end|>, in order.
     expected = tok.encode("3") + [end] + tok.encode("'abab'") + [end]
     assert [t for t in y if t != -1] == expected
@@ -87,7 +88,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tiny_data_dir):
     starts = [i for i in range(len(y)) if y[i] != -1 and (i == 0 or y[i - 1] == -1)]
     assert [x[i] for i in starts] == [tok.special_id("<|assistant|>")] * 2
     # Truncation keeps the first seq_len positions.
-    xs, ys = train_sft.render_example(tok, messages, seq_len=10)
+    xs, ys = finetune.render_example(tok, messages, seq_len=10)
     assert xs == x[:10] and ys == y[:10]
 
 
@@ -95,9 +96,9 @@ def test_padded_batch_gives_each_example_its_own_loss(tiny_data_dir):
     """Right padding is exact: per-example losses in a padded batch equal each example run alone (fp32)."""
     tok = Tokenizer(tiny_data_dir)
     rows = [json.loads(line) for line in open(f"{tiny_data_dir}/sft_train.jsonl")][:5]
-    examples = [train_sft.render_example(tok, r["messages"], seq_len=96) for r in rows]
+    examples = [finetune.render_example(tok, r["messages"], seq_len=96) for r in rows]
     assert len({len(x) for x, _ in examples}) > 1  # different lengths, so padding happens
-    x, y = train_sft.collate(examples, tok.pad_id)
+    x, y = finetune.collate(examples, tok.pad_id)
     for row, (xs, ys) in enumerate(examples):
         assert (x[row, len(xs) :] == tok.pad_id).all() and (y[row, len(ys) :] == -1).all()
         # every learned token of the batch is an assistant token of its own example, across the padding
@@ -118,8 +119,8 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_data_dir):
     block-diagonal forward gives each example the per-token losses it has alone (fp32)."""
     tok = Tokenizer(tiny_data_dir)
     rows = [json.loads(line) for line in open(f"{tiny_data_dir}/sft_train.jsonl")][:12]
-    examples = [train_sft.render_example(tok, r["messages"], seq_len=96) for r in rows]
-    x, y, doc = train_sft.pack(examples, tok.pad_id, seq_len=96)
+    examples = [finetune.render_example(tok, r["messages"], seq_len=96) for r in rows]
+    x, y, doc = finetune.pack(examples, tok.pad_id, seq_len=96)
     assert x.shape[0] < len(examples) and x.shape[1] <= 96
     assert int((y != -1).sum()) == sum(sum(t != -1 for t in ys) for _, ys in examples)  # no target lost or added
     torch.manual_seed(0)
@@ -145,16 +146,16 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_data_dir):
 
 
 def test_sampler_covers_each_epoch_and_resumes_exactly():
-    s = train_sft.ExampleSampler(10, seed=3)
+    s = finetune.ExampleSampler(10, seed=3)
     first = s.take(7) + s.take(7) + s.take(6)  # two epochs, crossing the boundary mid-take
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
     assert first[:10] != first[10:]  # a fresh permutation per epoch
-    a = train_sft.ExampleSampler(10, seed=3)
+    a = finetune.ExampleSampler(10, seed=3)
     a.take(13)
     state = json.loads(json.dumps(a.state_dict()))  # plain ints: JSON round trip
-    b = train_sft.ExampleSampler(10, seed=3)
+    b = finetune.ExampleSampler(10, seed=3)
     b.load_state_dict(state)
-    assert a.take(15) == b.take(15) and first[13:] == train_sft.ExampleSampler(10, 3).take(20)[13:]
+    assert a.take(15) == b.take(15) and first[13:] == finetune.ExampleSampler(10, 3).take(20)[13:]
 
 
 def test_data_errors_name_file_and_line(tiny_data_dir, micro_base, tmp_path):
@@ -167,12 +168,12 @@ def test_data_errors_name_file_and_line(tiny_data_dir, micro_base, tmp_path):
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match=r"no_answer.jsonl line 2: conversation has no assistant turn"):
-        train_sft.load_conversations(str(no_answer))
+        finetune.load_conversations(str(no_answer))
     # Other files go through `datasets` (hub names too): a bad row is named by its index.
     as_json = tmp_path / "rows.json"
     as_json.write_text(good + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match=r"rows.json \[train\] row 1: conversation has no assistant turn"):
-        train_sft.load_conversations(str(as_json))
+        finetune.load_conversations(str(as_json))
 
 
 # ----------------------------------------------------------------------------- runs

@@ -1,0 +1,211 @@
+"""Fine-tuning support: what SFT, DPO and GRPO share below their loops.
+
+- the data: conversations from a .jsonl file or a dataset (`load_conversations`), one conversation rendered
+  into (x, y) with the loss on assistant tokens only (`render_example`), a micro-batch right-padded
+  (`collate`) or packed into few rows (`pack`), and a seeded, resumable example order (`ExampleSampler`);
+- the held-out loss per assistant token (`val_loss`);
+- the base model with LoRA / QLoRA applied (`load_base`).
+
+The loops themselves live in train_sft.py, train_dpo.py and train_grpo.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+import lora
+import tasks
+from config import UserError
+from model import Transformer
+from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_conversations(source: str, split: str = "train", families=()) -> list[dict]:
+    """Rows with a valid "messages" list (at least one assistant turn) from a .jsonl file (errors name
+    file and line), or from a dataset that `datasets.load_dataset` reads (errors name the row)."""
+    if source.endswith(".jsonl") and os.path.isfile(source):
+        try:
+            rows = tasks.load_jsonl(source, tasks.SFT_KEYS)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        rows = _load_dataset_rows(source, split)
+    if families:
+        rows = [r for r in rows if r.get("family") in families]
+        if not rows:
+            raise UserError(f"{source}: no rows with family in {list(families)}")
+    return rows
+
+
+def _load_dataset_rows(source: str, split: str) -> list[dict]:
+    import datasets  # lazy: importing it takes seconds, and only hub / non-jsonl sources need it
+
+    datasets.logging.set_verbosity_error()
+    try:
+        if os.path.isfile(source):  # a local .json / .parquet / .csv file
+            kind = {"jsonl": "json"}.get(source.rsplit(".", 1)[-1], source.rsplit(".", 1)[-1])
+            ds = datasets.load_dataset(kind, data_files=source, split="train")
+        else:  # a local dataset dir or a hub name such as HuggingFaceH4/ultrachat_200k
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise UserError(
+            f"data: cannot load '{source}' split '{split}': {type(e).__name__}: {e}".split("\n")[0]
+        ) from None
+    if "messages" not in ds.column_names:
+        raise UserError(f"data: '{source}' has no 'messages' column (columns: {ds.column_names})")
+    rows = []
+    for i, row in enumerate(ds):
+        # The same row checks as tasks.load_jsonl, so a hub dataset fails as clearly as a local file.
+        problem = tasks.check_row(row, tasks.SFT_KEYS)
+        if problem:
+            raise UserError(f"{source} [{split}] row {i}: {problem}")
+        rows.append(row)
+    return rows
+
+
+def render_example(tokenizer: Tokenizer, messages: list[dict], seq_len: int) -> tuple[list[int], list[int]]:
+    """One conversation -> (x, y), each of length <= seq_len: y[t] = x[t+1] where that token is assistant
+    output (render_chat's mask), else -1. Longer conversations are cut at seq_len + 1 tokens."""
+    ids, mask = tokenizer.render_chat(messages)
+    ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+    x = ids[:-1]
+    y = [tok if learn else -1 for tok, learn in zip(ids[1:], mask[1:], strict=True)]
+    return x, y
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example: x (B, T) with pad_id, y (B, T) with -1 (no loss on padding)."""
+    T = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for row, (xs, ys) in enumerate(examples):
+        x[row, : len(xs)] = torch.tensor(xs)
+        y[row, : len(ys)] = torch.tensor(ys)
+    return x, y
+
+
+def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int):
+    """Pack examples into rows of at most seq_len tokens: x (R, T), y (R, T), document_ids (R, T), R <= B.
+
+    First-fit decreasing (the longest example goes first, each into the first row with room). Each example
+    keeps its own run of document ids, so model.forward(document_ids=...) attends within it only and restarts
+    its positions: every example's loss is what it is unpacked, only fewer padding tokens are computed.
+    (Packing with a block-diagonal mask: Krell et al. 2021, "Efficient Sequence Packing without
+    Cross-contamination".) Rows are right-padded to the longest row; padding is a document of its own. An example's
+    document id is its index in `examples`, so a caller can map token results back (train_dpo sums per sequence)."""
+    rows: list[list[tuple[int, tuple[list[int], list[int]]]]] = []
+    room: list[int] = []
+    for i, ex in sorted(enumerate(examples), key=lambda item: -len(item[1][0])):
+        r = next((i for i, free in enumerate(room) if free >= len(ex[0])), None)
+        if r is None:
+            rows.append([]), room.append(seq_len)
+            r = len(rows) - 1
+        rows[r].append((i, ex))
+        room[r] -= len(ex[0])
+    T = seq_len - min(room)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    doc = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: padding
+    for i, row in enumerate(rows):
+        t = 0
+        for j, (xs, ys) in row:
+            x[i, t : t + len(xs)] = torch.tensor(xs)
+            y[i, t : t + len(ys)] = torch.tensor(ys)
+            doc[i, t : t + len(xs)] = j  # example j of the input list
+            t += len(xs)
+    return x, y, doc
+
+
+class ExampleSampler:
+    """Example indices in a fresh seeded permutation each epoch. The position is plain ints
+    (epoch, pos, tokens) so a checkpoint stores it as JSON and resume continues the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch = self.pos = self.tokens = 0
+        self._perm_epoch, self._perm = -1, []
+
+    def _order(self) -> list[int]:
+        if self._perm_epoch != self.epoch:
+            self._perm = list(range(self.n))
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(self._perm)  # str seed: stable across runs
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def take(self, k: int) -> list[int]:
+        """The next k indices, continuing into the next epoch's permutation at the end of this one."""
+        out = []
+        while len(out) < k:
+            chunk = self._order()[self.pos : self.pos + k - len(out)]
+            out += chunk
+            self.pos += len(chunk)
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "tokens": self.tokens, "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("n", self.n) != self.n:
+            raise UserError(f"resume: the checkpoint was trained on {d['n']} examples, this data has {self.n}")
+        self.epoch, self.pos, self.tokens = d["epoch"], d["pos"], d.get("tokens", 0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def val_loss(model, examples, batch_size: int, pad_id: int, device, autocast) -> float:
+    """Mean loss per assistant token over `examples` (every token weighs the same)."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    for i in range(0, len(examples), batch_size):
+        x, y = collate(examples[i : i + batch_size], pad_id)
+        with autocast:
+            total += model(x.to(device), y.to(device), loss_reduction="sum").float()
+        count += int((y != -1).sum())
+    model.train()
+    return total.item() / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- the base model
+
+
+def load_base(cfg, device: torch.device, grow_vocab_to: int = 0) -> Transformer:
+    """The base model, with LoRA / QLoRA applied when asked (every non-adapter weight frozen). cfg: an SFT, DPO
+    or GRPO config (base, finetune, attn_impl, base_dtype, dropout, gradient_checkpointing, the lora_* keys, seq_len).
+
+    grow_vocab_to: the size of a tokenizer extended with new tokens (0 = none). The embedding and lm_head
+    grow to it (lora.grow_vocab), and LoRA runs then train those two modules in full: the new rows would
+    stay at their initial value under frozen LoRA."""
+    attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+    dtype = cfg.base_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if cfg.finetune != "full" and device.type == "cuda" else "float32"
+    try:
+        model = Transformer.from_pretrained(
+            cfg.base, dtype=dtype, device=device, attn_impl=attn, dropout=cfg.dropout,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )  # fmt: skip
+        added = lora.grow_vocab(model, grow_vocab_to) if grow_vocab_to else 0
+        if cfg.finetune != "full":
+            lora.apply_lora(
+                model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
+                quantize="nf4" if cfg.finetune == "qlora" else None, double_quant=cfg.double_quant,
+            )  # fmt: skip
+            for p in lora.lora_parameters(model):
+                p.data = p.data.float()  # adapters train in fp32 even on a bf16 base: Adam needs the precision
+            if added:  # saved with the adapter as modules_to_save
+                lora.train_modules(model, ["model.embed_tokens", "lm_head"])
+    except ValueError as e:
+        raise UserError(f"base: {e}") from None
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise UserError(f"seq_len {cfg.seq_len} > the base model's context {model.config.max_position_embeddings}")
+    return model
