@@ -112,7 +112,7 @@ def _lm_metrics(nats: float, tokens: int, n_bytes: float, source: str) -> dict:
 
 def shard_loss(model, tokenizer, data_dir: str, seq_len: int, batch_size: int = 8, max_tokens: int = 0) -> dict:
     """Loss / perplexity / bits-per-byte on the val_*.bin shards of a prepare_data.py directory."""
-    from prepare_data import read_shard
+    from shards import read_shard
 
     with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as fh:
         meta = json.load(fh)

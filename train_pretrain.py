@@ -34,7 +34,7 @@ from config import UserError, run_cli
 from generation import generate
 from hf_checkpoint import LazyStateDict
 from model import ModelConfig, Transformer
-from prepare_data import TokenStream
+from shards import TokenStream
 from tokenizer import Tokenizer
 
 
