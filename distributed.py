@@ -3,8 +3,9 @@ model for data parallelism.
 
 What lives here (and only here, so training scripts never look at ranks themselves):
 
-- `init_distributed()` reads the variables `torchrun` sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and joins
-  the process group: NCCL on GPUs, gloo on CPU. Run without torchrun it builds a one-process group in memory, so the
+- `init_distributed(device)` reads the variables `torchrun` sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT),
+  picks the device (`pick_device`, the only place that decides it) and joins the process group: NCCL on GPUs, gloo
+  on CPU. Run without torchrun it builds a one-process group in memory, so the
   single-process path is the same code with world_size 1 (every collective is then a no-op copy).
 - `print0`, `is_master`, `cleanup`, `seed_everything(seed, rank)` and `split_batch` / `shard_indices` for data.
 - `DDP`: data parallelism written out. Rank 0's parameters and buffers are broadcast when wrapping, so every rank
@@ -25,8 +26,8 @@ What lives here (and only here, so training scripts never look at ranks themselv
   resumes exactly at the same world size).
 - `python distributed.py plan configs/model/llama2-7b.yaml world_size=8`: the memory planner (planner.py).
 
-How to run on several processes: `torchrun --standalone --nproc_per_node=2 train_pretrain.py CONFIG.yaml
-parallel=ddp` (see the README for multi-node and SLURM).
+How to run on several processes: `torchrun --standalone --nproc_per_node=2 train_pretrain.py CONFIG.yaml`
+(parallel=auto: ddp on several processes) (see the README for multi-node and SLURM).
 """
 
 from __future__ import annotations
@@ -63,18 +64,32 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Join the process group described by torchrun's environment (or a one-process group without torchrun)."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
-    backend = backend or ("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before the group exists, so NCCL binds this rank to its own GPU
-    else:
-        device = torch.device("cpu")
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """The one place a training run's device is decided: auto (this rank's GPU if there is one, else the CPU) | cpu |
+    cuda (cuda:LOCAL_RANK) | cuda:N. Pure: no process group, no CUDA calls beyond asking whether CUDA exists."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={requested} but CUDA is not available on this machine")
+    return torch.device(requested if requested.startswith("cuda:") else f"cuda:{local_rank}")
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) for a plain `python script.py`."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's environment (or a one-process group without torchrun).
+
+    device: auto | cpu | cuda | cuda:N, resolved by pick_device. The backend follows the device (NCCL for GPUs, gloo
+    for the CPU), so device=cpu on a CUDA machine trains on the CPU with gloo rather than splitting model and batches.
+    """
+    rank, local_rank, world_size = launch_env()
+    where = pick_device(device, local_rank)
+    backend = "nccl" if where.type == "cuda" else "gloo"
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # before the group exists, so NCCL binds this rank to its own GPU
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:  # torchrun (or a test) set up a rendezvous
             dist.init_process_group(backend, rank=rank, world_size=world_size)
@@ -82,7 +97,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
             if world_size != 1:
                 raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), where, backend)
 
 
 def get_rank() -> int:

@@ -4,7 +4,8 @@
   into (x, y) with the loss on assistant tokens only (`render_example`), a micro-batch right-padded
   (`collate`) or packed into few rows (`pack`), and a seeded, resumable example order (`ExampleSampler`);
 - the held-out loss per assistant token (`val_loss`);
-- the base model with LoRA / QLoRA applied (`load_base`).
+- the base model with LoRA / QLoRA applied (`load_base`), its size for a dry run (`plan_base_config`), and the
+  parallel modes adapters accept (`sharding_errors`).
 
 The loops themselves live in train_sft.py, train_dpo.py and train_grpo.py.
 """
@@ -19,6 +20,7 @@ import torch
 import lora
 import tasks
 from config import UserError
+from hf_checkpoint import read_config
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -176,6 +178,25 @@ def val_loss(model, examples, batch_size: int, pad_id: int, device, autocast) ->
 
 
 # ----------------------------------------------------------------------------- the base model
+
+
+def sharding_errors(cfg) -> list[str]:
+    """(Q)LoRA refuses parallel=fsdp / torch_fsdp2 at start-up. fsdp.py flattens every weight of a unit into one
+    trainable shard, so the frozen base would be trained; and the adapter files are written from the unsharded
+    model. The adapters are small and the base is frozen, so ddp (a replicated base) is the right tool anyway."""
+    if cfg.finetune != "full" and cfg.parallel in ("fsdp", "torch_fsdp2"):
+        return [f"parallel={cfg.parallel} with finetune={cfg.finetune} is not supported; use parallel=ddp (or auto)"]
+    return []
+
+
+def plan_base_config(cfg):
+    """The base's ModelConfig from its config.json for the dry run, or None when the base is not on this machine."""
+    if not os.path.isdir(cfg.base):
+        return None
+    try:
+        return read_config(cfg.base)
+    except ValueError as e:
+        raise UserError(f"base: {e}") from None
 
 
 def load_base(cfg, device: torch.device, grow_vocab_to: int = 0) -> Transformer:

@@ -183,6 +183,21 @@ def config_to_hf(c, dtype=torch.float32) -> dict:
     return d
 
 
+def read_config(path: str, **overrides):
+    """The ModelConfig of a checkpoint dir (of an adapter dir: its base's) from config.json alone, no weights read:
+    what a dry run needs to size a model it will not load."""
+    adapter = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter):
+        with open(adapter) as f:
+            base = json.load(f).get("base_model_name_or_path") or ""
+        return read_config(base if os.path.isdir(base) else os.path.join(path, base), **overrides)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path!r} has no config.json (not a checkpoint directory)")
+    with open(config_path) as f:
+        return config_from_hf(json.load(f), **overrides)
+
+
 def config_from_hf(d: dict, **overrides):
     """config.json dict (ours or transformers') -> ModelConfig; unsupported architectures raise ValueError."""
     model_type = d.get("model_type")

@@ -4,7 +4,8 @@ train_pretrain.py, train_sft.py and train_dpo.py each own one visible loop; ever
 must exist exactly once lives here (STYLE.md rule 11):
 
 - `TrainConfig`: the settings every loop has (batch arithmetic, optimizer, schedule, checkpoints,
-  logging, faults). Each script subclasses it with its own data fields.
+  logging, faults). Each script subclasses it with its own data fields. What a launch makes of them
+  (parallel=auto, the micro x accum x world split, device, dtype, the dry run) is decided in launch.py.
 - `param_groups` / `make_optimizer`: AdamW with weight decay on matrices only. Norm gains and biases
   are not decayed: shrinking them toward zero changes what the layer computes rather than
   regularizing it (as in GPT-2 / nanoGPT practice).
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 from checkpoint import (  # noqa: F401  (re-exported for the loops)
     MARKER,
     export_final,
@@ -51,6 +53,7 @@ from checkpoint import (  # noqa: F401  (re-exported for the loops)
     write_merged,
 )
 from config import UserError, to_dict
+from launch import batch_split, resolve_dtype, resolve_parallel
 
 # ----------------------------------------------------------------------------- settings
 
@@ -59,8 +62,8 @@ from config import UserError, to_dict
 class TrainConfig:
     out_dir: str = "out/run"  # where checkpoints, log.jsonl and the final model go
     steps: int = 1000  # optimizer steps in the whole run
-    batch_size: int = 32  # sequences per optimizer step, summed over ranks and accumulation
-    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    batch_size: int = 32  # sequences per optimizer step in total (the global batch): the same under torchrun
+    micro_batch_size: int = 8  # at most this many sequences per forward/backward on one rank (accumulation is derived)
     seq_len: int = 256  # tokens per sequence
     lr: float = 3e-4  # peak learning rate
     min_lr: float = 3e-5  # learning rate at the end of the decay
@@ -75,7 +78,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU if supported, else fp32) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model (the uncompiled weights are what gets saved)
-    parallel: str = "none"  # none | ddp | fsdp | torch_ddp | torch_fsdp2 (under torchrun)
+    parallel: str = (
+        "auto"  # auto (none in one process, ddp under torchrun) | none | ddp | fsdp | torch_ddp | torch_fsdp2
+    )
     fsdp_mixed_precision: bool = (
         True  # fsdp/torch_fsdp2 with dtype bf16: gather and compute in bf16, fp32 master shards
     )
@@ -97,6 +102,7 @@ class TrainConfig:
     wandb_project: str = ""  # log to Weights & Biases when set
     wandb_mode: str = "online"  # online | offline | disabled
     progress: bool = True  # show a tqdm progress bar on the master rank
+    dry_run: bool = False  # check the config, print the plan for this launch (batch split, memory) and exit
 
     def validate(self) -> list[str]:
         errors = []
@@ -105,10 +111,6 @@ class TrainConfig:
                 errors.append(f"{key} must be > 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             errors.append("lr must be > 0 and 0 <= min_lr <= lr")
-        if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
-            errors.append(
-                f"batch_size {self.batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"
-            )
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             errors.append("warmup_steps must be in [0, steps]")
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -123,41 +125,26 @@ class TrainConfig:
             errors.append(f"device must be auto, cpu or cuda, not '{self.device}'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             errors.append(f"dtype must be auto, float32, bfloat16 or float16, not '{self.dtype}'")
-        if self.parallel not in ("none", "ddp", "fsdp", "torch_ddp", "torch_fsdp2"):
-            errors.append(f"parallel must be none, ddp, fsdp, torch_ddp or torch_fsdp2, not '{self.parallel}'")
+        if self.parallel not in ("auto", "none", "ddp", "fsdp", "torch_ddp", "torch_fsdp2"):
+            errors.append(f"parallel must be auto, none, ddp, fsdp, torch_ddp or torch_fsdp2, not '{self.parallel}'")
         if self.wandb_mode not in ("online", "offline", "disabled"):
             errors.append("wandb_mode must be online, offline or disabled")
-        if self.resume not in ("auto", "never") and not os.path.isdir(self.resume):
-            errors.append(f"resume: no checkpoint directory at '{self.resume}'")
+        if self.resume not in ("auto", "never"):
+            self.check_path(errors, "resume", self.resume, "checkpoint directory")
         return errors
 
-
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-batches each rank runs per optimizer step: batch = micro * accum * world."""
-    per_rank, rest = divmod(cfg.batch_size, cfg.micro_batch_size * world_size)
-    if rest or per_rank == 0:
-        raise UserError(
-            f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} "
-            f"x world size {world_size}"
-        )
-    return per_rank
-
-
-def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but CUDA is not available on this machine")
-    return torch.device(cfg.device if cfg.device.startswith("cuda:") else f"cuda:{local_rank}")
-
-
-def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The autocast dtype. fp32 on CPU: CPU bf16 autocast is slow and would hide numeric bugs."""
-    if cfg.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, cfg.dtype)
+    def check_path(self, errors: list[str], key: str, path: str, what: str = "directory", hint: str = "") -> bool:
+        """Does input `path` exist (a dir, or a file when `what` ends in "file")? If not, an error naming `key`;
+        in a dry run only a note (`self.unchecked`): a documented command may name a hub download, a GPU
+        machine's data or an earlier stage's output that this machine does not have."""
+        found = os.path.isfile(path) if what.endswith("file") else os.path.isdir(path)
+        if not found:
+            message = f"{key}: no {what} at '{path}'{hint}"
+            if self.dry_run:
+                self.__dict__.setdefault("unchecked", []).append(message)  # not a field: never a config key
+            else:
+                errors.append(message)
+        return found
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -353,7 +340,7 @@ class StopFlag:
 class Run:
     """Everything around a training loop that the three scripts share, so each loop stays short.
 
-        run = Run(cfg, "sft")                                 # ranks, device, dtype, out_dir
+        run = Run(cfg, "sft")                                 # ranks, device, dtype, run.micro x run.accum
         model, optimizer = run.prepare(raw_model)             # wrap (DDP/FSDP), AdamW groups
         start = run.resume(load_weights, data=stream)         # newest complete checkpoint, if any
         while step < cfg.steps:
@@ -368,21 +355,25 @@ class Run:
     """
 
     def __init__(self, cfg: TrainConfig, stage: str):
-        import distributed as dist_utils
-
-        self.cfg, self.stage, self.du = cfg, stage, dist_utils
-        self.dist = dist_utils.init_distributed()
+        self.cfg, self.stage, self.du = cfg, stage, distributed
+        # Decided before any process group exists, so a mistake stops every rank at start-up with one line.
+        world_size = distributed.launch_env()[2]
+        self.parallel = resolve_parallel(cfg, world_size)  # auto -> none or ddp
+        self.micro, self.accum = batch_split(cfg, world_size)  # batch_size = micro x accum x world
+        try:  # device=cuda on a machine without one, WORLD_SIZE without torchrun: one line, not a traceback
+            self.dist = distributed.init_distributed(cfg.device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.master = self.rank == 0
-        self.device = resolve_device(cfg, self.dist.local_rank)
+        self.device = self.dist.device  # the process group's device is the batches' device: one decision
         self.dtype = resolve_dtype(cfg, self.device)
-        self.accum = grad_accum_steps(cfg, self.world_size)
         use_autocast = self.dtype != torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if use_autocast else contextlib.nullcontext()
         # fp16 needs loss scaling (its exponent range is too small for small gradients); bf16 does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # FSDP: every rank holds (and so saves) its own slice of the optimizer state.
-        self.sharded = cfg.parallel in ("fsdp", "torch_fsdp2")
+        self.sharded = self.parallel in ("fsdp", "torch_fsdp2")
         self.bad_in_a_row = self.bad_steps_total = 0
         self.start_step, self.last_checkpoint, self.progress, self.logger = 0, None, None, None
         self.stop = StopFlag()
@@ -396,11 +387,11 @@ class Run:
         """(wrapped model, AdamW over its trainable parameters). Order: adapters first, then wrap, then optimize."""
         self.raw_model = raw_model
         cfg, opts = self.cfg, {}
-        if cfg.parallel in ("fsdp", "torch_fsdp2"):
+        if self.sharded:
             opts["mixed_precision"] = cfg.fsdp_mixed_precision and self.dtype == torch.bfloat16
-        if cfg.parallel == "fsdp":
+        if self.parallel == "fsdp":
             opts.update(prefetch=cfg.fsdp_prefetch, zero2=cfg.zero2)
-        self.model = self.du.wrap_model(raw_model, cfg.parallel, self.dist, **opts)
+        self.model = self.du.wrap_model(raw_model, self.parallel, self.dist, **opts)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
         torch.manual_seed(self.cfg.seed + 1000 * self.rank)

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 import lora
 import train_common as tc
 from config import UserError, run_cli
-from finetune import ExampleSampler, collate, load_base, pack
+from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, sharding_errors
+from launch import dry_run
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 
@@ -323,17 +324,19 @@ class DPOConfig(tc.TrainConfig):
         errors = super().validate()
         if self.finetune not in ("full", "lora", "qlora"):
             errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        if not os.path.isdir(self.base):
-            errors.append(f"base: no checkpoint directory at '{self.base}'")
-        elif os.path.isfile(os.path.join(self.base, "adapter_config.json")):
+        base_found = self.check_path(errors, "base", self.base, "checkpoint directory")
+        if base_found and os.path.isfile(os.path.join(self.base, "adapter_config.json")):
             hint = (
                 f"; use its merged model {self.base}/merged" if os.path.isdir(os.path.join(self.base, "merged")) else ""
             )
             errors.append(f"base: '{self.base}' is a LoRA adapter dir, DPO needs a plain model{hint}")
-        if self.tokenizer and not os.path.isdir(self.tokenizer):
-            errors.append(f"tokenizer: no directory at '{self.tokenizer}'")
-        if self.eval_tasks and not os.path.isfile(self.eval_tasks):
-            errors.append(f"eval_tasks: no file at '{self.eval_tasks}'")
+        if self.tokenizer:
+            self.check_path(errors, "tokenizer", self.tokenizer)
+        if self.eval_tasks:
+            self.check_path(errors, "eval_tasks", self.eval_tasks, "file")
+        if self.data.endswith(".jsonl"):
+            self.check_path(errors, "data", self.data, "file")
+        errors += sharding_errors(self)
         if self.beta <= 0:
             errors.append("beta must be > 0")
         if self.loss_type not in LOSS_TYPES:
@@ -361,6 +364,11 @@ class DPOConfig(tc.TrainConfig):
 
 
 def main(cfg: DPOConfig) -> None:
+    if cfg.dry_run:
+        lora_note = () if cfg.finetune == "full" else (f"{cfg.finetune}: only adapters train, memory is lower",)
+        plan = plan_base_config(cfg)
+        return dry_run(cfg, "train_dpo.py", plan, "pairs", per_example=2, ragged=True, notes=lora_note)
+
     # ---- setup ----
     run = tc.Run(cfg, "dpo")
     device = run.device
@@ -426,7 +434,7 @@ def main(cfg: DPOConfig) -> None:
     if step == 0 and cfg.eval_at_start:
         evaluate(0)  # the starting model's accuracy, for the before/after comparison
     t_last, tokens_last = time.perf_counter(), sampler.tokens
-    mb = cfg.micro_batch_size
+    mb = run.micro
     while step < cfg.steps:
         lr = tc.lr_at(step, cfg)
         for group in optimizer.param_groups:

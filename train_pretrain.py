@@ -4,10 +4,12 @@
     python train_pretrain.py configs/pretrain_tiny.yaml      # the CPU demo, a few minutes
     torchrun --nproc_per_node 8 train_pretrain.py configs/pretrain_0.5B.yaml parallel=fsdp
 
-Each optimizer step sees `batch_size` sequences of `seq_len` tokens: `micro_batch_size` per
-forward, `accum` micro-batches per rank, on `world_size` ranks (batch = micro x accum x world).
-The loss of each micro-batch is divided by `accum` so the summed gradients are the mean over the
-whole batch, exactly as one big batch would give.
+Each optimizer step sees `batch_size` sequences of `seq_len` tokens whatever the launch: on
+`world_size` ranks each rank runs `accum` micro-batches of `micro` sequences (batch = micro x accum
+x world), micro being the largest size up to `micro_batch_size` that divides batch_size / world_size
+(train_common.batch_split). The loss of each micro-batch is divided by `accum` so the summed
+gradients are the mean over the whole batch, exactly as one big batch would give.
+`dry_run=true` prints that plan (and the memory estimate) without training.
 
 What happens where:
 - train_common.py: settings, AdamW groups, LR schedule, checkpoints, log.jsonl, signals;
@@ -32,7 +34,8 @@ import torch
 import train_common as tc
 from config import UserError, run_cli
 from generation import generate
-from hf_checkpoint import LazyStateDict
+from hf_checkpoint import LazyStateDict, read_config
+from launch import dry_run
 from model import ModelConfig, Transformer
 from shards import TokenStream
 from tokenizer import Tokenizer
@@ -55,19 +58,24 @@ class PretrainConfig(tc.TrainConfig):
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if not os.path.isfile(os.path.join(self.data_dir, "meta.json")):
-            errors.append(f"data_dir: no prepared data at '{self.data_dir}' (run: python prepare_data.py)")
+        meta = os.path.join(self.data_dir, "meta.json")
+        self.check_path(errors, "data_dir", meta, "prepared data file", " (run: python prepare_data.py)")
         if not 0.0 <= self.dropout < 1.0:
             errors.append("dropout must be in [0, 1)")
         if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
             errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
-        if self.init_from and not os.path.isdir(self.init_from):
-            errors.append(f"init_from: no checkpoint directory at '{self.init_from}'")
+        if self.init_from:
+            self.check_path(errors, "init_from", self.init_from, "checkpoint directory")
         return errors
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> ModelConfig:
+def runtime_settings(cfg: PretrainConfig, device: torch.device) -> dict:
+    """The ModelConfig fields this run chooses rather than the checkpoint: kernel, dropout, recompute."""
     attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+    return dict(attn_impl=attn, dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> ModelConfig:
     try:
         if cfg.model.endswith((".yaml", ".yml")):  # a model YAML of the user's own, same keys as the presets
             from config import load_yaml
@@ -77,11 +85,10 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.devic
             mcfg = ModelConfig.from_preset(cfg.model)
     except (TypeError, ValueError) as e:
         raise UserError(f"model: {e}") from None
-    if vocab_size > mcfg.vocab_size or cfg.model == "tiny":
+    if vocab_size and (vocab_size > mcfg.vocab_size or cfg.model == "tiny"):  # 0: no tokenizer (a dry run)
         mcfg.vocab_size = vocab_size  # size the embedding to the tokenizer we trained
-    mcfg.dropout = cfg.dropout
-    mcfg.attn_impl = attn
-    mcfg.gradient_checkpointing = cfg.gradient_checkpointing
+    for key, value in runtime_settings(cfg, device).items():
+        setattr(mcfg, key, value)
     return mcfg
 
 
@@ -100,7 +107,21 @@ def evaluate(model, stream: TokenStream, n_batches: int, device, autocast) -> fl
     return total.item() / n_batches
 
 
+def plan_model_config(cfg: PretrainConfig) -> ModelConfig:
+    """The model this run would build, for the dry run (built on the meta device there: no weights are read)."""
+    if cfg.init_from and os.path.isdir(cfg.init_from):
+        try:
+            return read_config(cfg.init_from)
+        except ValueError as e:
+            raise UserError(f"init_from: {e}") from None
+    has_data = os.path.isfile(os.path.join(cfg.data_dir, "tokenizer.model"))
+    return build_model_config(cfg, Tokenizer(cfg.data_dir).vocab_size if has_data else 0, torch.device("cpu"))
+
+
 def main(cfg: PretrainConfig) -> None:
+    if cfg.dry_run:
+        return dry_run(cfg, "train_pretrain.py", plan_model_config(cfg))
+
     # ---- setup ----
     run = tc.Run(cfg, "pretrain")
     device = run.device
@@ -111,7 +132,7 @@ def main(cfg: PretrainConfig) -> None:
     tokenizer = Tokenizer(cfg.data_dir)
     if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
         raise UserError(f"{cfg.data_dir}/meta.json: shards were made with a different tokenizer than tokenizer.model")
-    stream_args = dict(batch_size=cfg.micro_batch_size, seq_len=cfg.seq_len, rank=run.rank, world_size=run.world_size)
+    stream_args = dict(batch_size=run.micro, seq_len=cfg.seq_len, rank=run.rank, world_size=run.world_size)
     try:  # a truncated or foreign shard, or too little data for one batch: one line naming the file
         train_data = TokenStream(cfg.data_dir, "train", seed=cfg.seed, **stream_args)
         val_data = TokenStream(cfg.data_dir, "val", seed=cfg.seed, **stream_args)
@@ -125,7 +146,8 @@ def main(cfg: PretrainConfig) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
     if cfg.init_from:
         try:
-            raw_model = Transformer.from_pretrained(cfg.init_from, device=device)
+            # config.json stores the architecture only: this run's kernel, dropout and recompute come from cfg.
+            raw_model = Transformer.from_pretrained(cfg.init_from, device=device, **runtime_settings(cfg, device))
         except ValueError as e:  # not a checkpoint, or truncated / corrupted weights
             raise UserError(f"init_from: {e}") from None
         if raw_model.config.vocab_size < tokenizer.vocab_size:
@@ -142,7 +164,7 @@ def main(cfg: PretrainConfig) -> None:
     step_model = torch.compile(model) if cfg.compile else model  # `raw_model` keeps the uncompiled weights
 
     def load_weights(ckpt: str) -> None:
-        if cfg.parallel in ("fsdp", "torch_fsdp2"):  # tensor by tensor from disk, each rank keeps its slice
+        if run.sharded:  # tensor by tensor from disk, each rank keeps its slice
             state = LazyStateDict(ckpt)
         else:
             state = Transformer.from_pretrained(ckpt, device=device).state_dict()

@@ -64,7 +64,18 @@ import lora
 import tasks
 import train_common as tc
 from config import UserError, run_cli
-from finetune import ExampleSampler, collate, load_base, load_conversations, pack, render_example, val_loss
+from finetune import (
+    ExampleSampler,
+    collate,
+    load_base,
+    load_conversations,
+    pack,
+    plan_base_config,
+    render_example,
+    sharding_errors,
+    val_loss,
+)
+from launch import dry_run
 from model import TOKENIZER_FILES, Transformer
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
@@ -116,14 +127,13 @@ class SFTConfig(tc.TrainConfig):
         errors = super().validate()
         if self.finetune not in ("full", "lora", "qlora"):
             errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        if not os.path.isdir(self.base):
-            errors.append(f"base: no checkpoint directory at '{self.base}'")
-        if self.tokenizer and not os.path.isdir(self.tokenizer):
-            errors.append(f"tokenizer: no directory at '{self.tokenizer}'")
+        self.check_path(errors, "base", self.base, "checkpoint directory")
+        if self.tokenizer:
+            self.check_path(errors, "tokenizer", self.tokenizer)
         for key in ("data", "val_data", "eval_tasks"):
-            path = getattr(self, key)
-            if path.endswith(".jsonl") and not os.path.isfile(path):
-                errors.append(f"{key}: no file at '{path}'")
+            if getattr(self, key).endswith(".jsonl"):
+                self.check_path(errors, key, getattr(self, key), "file")
+        errors += sharding_errors(self)
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             errors.append("lora_r and lora_alpha must be > 0")
         if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
@@ -142,6 +152,10 @@ class SFTConfig(tc.TrainConfig):
 
 
 def main(cfg: SFTConfig) -> None:
+    if cfg.dry_run:
+        lora_note = () if cfg.finetune == "full" else (f"{cfg.finetune}: only adapters train, memory is lower",)
+        return dry_run(cfg, "train_sft.py", plan_base_config(cfg), "conversations", ragged=True, notes=lora_note)
+
     # ---- setup ----
     run = tc.Run(cfg, "sft")
     device = run.device
@@ -248,7 +262,7 @@ def main(cfg: SFTConfig) -> None:
             group["lr"] = lr
         # This rank's share of the global batch (the order does not depend on world size), in micro-batches.
         mine = sampler.take(cfg.batch_size)[run.rank :: run.world_size]
-        mb = cfg.micro_batch_size
+        mb = run.micro
         chunks = [[train[i] for i in mine[m * mb : (m + 1) * mb]] for m in range(run.accum)]
         if cfg.pack:
             batches = [pack(chunk, tokenizer.pad_id, cfg.seq_len) for chunk in chunks]

@@ -36,6 +36,8 @@ import lora
 import train_common as tc
 import vlm_data
 from config import UserError, load_yaml, run_cli
+from hf_checkpoint import read_config
+from launch import dry_run
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
@@ -86,18 +88,19 @@ class VLMTrainConfig(tc.TrainConfig):
             errors.append(f"train_lm must be full, lora or frozen, not '{self.train_lm}'")
         if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
             errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
-        if self.parallel not in ("none", "ddp", "torch_ddp"):
-            errors.append("parallel must be none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
+        if self.parallel not in ("auto", "none", "ddp", "torch_ddp"):
+            errors.append("parallel must be auto, none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
         if self.compile:
             errors.append("compile is not supported by train_vlm.py yet (the image splice is a Python hook)")
         if self.qa_turns < 1:
             errors.append("qa_turns must be >= 1")
         if self.stage1_steps <= 0 or self.stage1_lr <= 0:
             errors.append("stage1_steps and stage1_lr must be > 0")
-        if self.lm and not os.path.isdir(self.lm):
-            errors.append(f"lm: no checkpoint directory at '{self.lm}'")
-        if not self.lm and not os.path.isfile(os.path.join(self.tokenizer_dir, "tokenizer.model")):
-            errors.append(f"tokenizer_dir: no tokenizer.model in '{self.tokenizer_dir}' (run: python prepare_data.py)")
+        if self.lm:
+            self.check_path(errors, "lm", self.lm, "checkpoint directory")
+        else:
+            tokenizer = os.path.join(self.tokenizer_dir, "tokenizer.model")
+            self.check_path(errors, "tokenizer_dir", tokenizer, "tokenizer file", " (run: python prepare_data.py)")
         bad = [f for f in self.families if f not in vlm_data.FAMILIES]
         if bad or not self.families:
             errors.append(f"families must be among {list(vlm_data.FAMILIES)}, got {self.families}")
@@ -136,6 +139,10 @@ def load_rows(cfg: VLMTrainConfig, spec: str, kind: str, split: str):
 
 
 def fresh_language_model(cfg: VLMTrainConfig, vocab_size: int, attn_impl: str) -> Transformer:
+    return Transformer(language_model_config(cfg, vocab_size, attn_impl))
+
+
+def language_model_config(cfg: VLMTrainConfig, vocab_size: int, attn_impl: str) -> ModelConfig:
     try:
         if cfg.lm_preset.endswith((".yaml", ".yml")):
             mcfg = ModelConfig(**load_yaml(cfg.lm_preset))
@@ -145,7 +152,7 @@ def fresh_language_model(cfg: VLMTrainConfig, vocab_size: int, attn_impl: str) -
         raise UserError(f"lm_preset: {e}") from None
     mcfg.vocab_size = max(mcfg.vocab_size, vocab_size)
     mcfg.attn_impl = attn_impl
-    return Transformer(mcfg)
+    return mcfg
 
 
 def build_model(cfg: VLMTrainConfig, stage: int, tokenizer: Tokenizer, attn_impl: str, device) -> tuple[VLM, str]:
@@ -199,7 +206,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
         test_rows = vlm_data.make_examples(cfg.n_test, "caption", "test", cfg.data_seed, cfg.vision.image_size)
     else:
         test_rows = load_rows(cfg, cfg.test_data, "qa", "test") if stage == 2 and cfg.test_data else []
-    stream = vlm_data.ExampleStream(len(train_rows), cfg.micro_batch_size, cfg.seed, run.rank, run.world_size)
+    stream = vlm_data.ExampleStream(len(train_rows), run.micro, cfg.seed, run.rank, run.world_size)
 
     # ---- model ----
     raw_model, lm_dir = build_model(cfg, stage, tokenizer, attn_impl, device)
@@ -290,7 +297,18 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
     return complete
 
 
+def plan_language_model(cfg: VLMTrainConfig) -> ModelConfig | None:
+    """The language model's config for the dry run (the planner sizes the LM; the vision tower is small)."""
+    if cfg.lm:
+        return read_config(cfg.lm) if os.path.isdir(cfg.lm) else None
+    has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.model"))
+    return language_model_config(cfg, Tokenizer(cfg.tokenizer_dir).vocab_size if has_tokenizer else 0, "sdpa")
+
+
 def main(cfg: VLMTrainConfig) -> None:
+    if cfg.dry_run:
+        note = (f"stage 1: {cfg.stage1_steps} steps at lr {cfg.stage1_lr}; memory counts the language model only",)
+        return dry_run(cfg, "train_vlm.py", plan_language_model(cfg), "images", ragged=True, notes=note)
     # stage=both: stage 1 keeps the process group (under torchrun) for stage 2 in the same processes.
     if cfg.stage in ("1", "both") and not run_stage(cfg, 1, leave_group=cfg.stage == "1"):
         return  # stopped early (signal or stop_after_steps): resume=auto continues stage 1
