@@ -22,7 +22,7 @@ vlm.render_with_image turns that into image-token slots.
 
 Write the built-in set to disk (PNG files + LLaVA-format json, readable by any LLaVA tooling):
     python vlm_data.py out_dir=data/vlm
-    python train_vlm.py configs/vlm_tiny.yaml data=data/vlm     # the same data, read back from disk
+    python train_vlm.py configs/vlm_tiny.yaml caption_data=data/vlm qa_data=data/vlm test_data=data/vlm  # read back
 
 Shape legend: B batch, C channels (3, RGB), S image side in pixels.
 """
