@@ -9,7 +9,8 @@ fixtures). Inputs that are not there (a hub model, a GPU cluster's data) are rep
 checked here"; everything else (keys, types, values, the batch split for that world size, the model size) must
 pass. The dry run must not write a single file.
 
-Plus the launch arithmetic itself (launch.py): parallel=auto, batch_split, and their one-line errors.
+Plus the launch decisions themselves (launch.py): parallel=auto, batch_split and their one-line errors, and one
+owner per runtime decision (the device: distributed.pick_device; the kernel, dropout and recompute of init_from).
 """
 
 import ast
@@ -22,13 +23,14 @@ import pytest
 import torch
 from conftest import MICRO_MODEL, ROOT
 
+import distributed
 import launch
 import train_common as tc
 import train_dpo
 import train_pretrain
 import train_sft
 import train_vlm
-from config import UserError, load_yaml, run_cli
+from config import UserError, load_yaml, parse_args, run_cli
 from model import ModelConfig, Transformer
 
 SCRIPTS = {
@@ -233,3 +235,52 @@ def test_parallel_auto():
     assert launch.resolve_parallel(tc.TrainConfig(parallel="none"), 1) == "none"
     with pytest.raises(UserError, match="parallel=none with 4 processes"):
         launch.resolve_parallel(tc.TrainConfig(parallel="none"), 4)
+
+
+# ----------------------------------------------------------------------------- one owner per runtime decision
+
+
+def test_device_is_decided_once(monkeypatch):
+    """device=cpu on a CUDA machine: the process group (gloo), the model and the batches all use the CPU. Before,
+    init_distributed bound cuda:LOCAL_RANK and picked NCCL whatever the config said, while batches went to cpu."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend: a GPU machine
+
+    def no_gpu(*args):
+        raise AssertionError("device=cpu must not bind a GPU")
+
+    monkeypatch.setattr(torch.cuda, "set_device", no_gpu)
+    for key in ("MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.pick_device("auto", local_rank=1) == torch.device("cuda:1")
+    assert distributed.pick_device("cuda:0", local_rank=1) == torch.device("cuda:0")
+    run = tc.Run(tc.TrainConfig(device="cpu", batch_size=8, micro_batch_size=8), "test")
+    try:
+        assert run.device == run.dist.device == torch.device("cpu") and run.dist.backend == "gloo"
+        assert run.dtype == torch.float32 and (run.micro, run.accum, run.parallel) == (8, 1, "none")
+    finally:
+        run.stop.restore()
+        distributed.cleanup()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=cuda but CUDA is not available"):
+        distributed.pick_device("cuda")
+
+
+def test_init_from_keeps_this_runs_kernel_dropout_and_recompute(sandbox, monkeypatch):
+    """config.json stores the architecture only: init_from must not drop attn_impl, dropout, gradient_checkpointing."""
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def stop_after_build(run, raw_model):
+        seen.update(vars(raw_model.config))
+        raise Built
+
+    monkeypatch.setattr(tc.Run, "prepare", stop_after_build)
+    argv = [f"data_dir={sandbox}/data/builtin", f"init_from={sandbox}/out/pretrain", "attn_impl=naive", "dropout=0.1",
+            "gradient_checkpointing=true", "device=cpu", "batch_size=4", "micro_batch_size=4", "seq_len=32",
+            f"out_dir={sandbox}/never", "progress=false"]  # fmt: skip
+    with pytest.raises(Built):
+        train_pretrain.main(parse_args(train_pretrain.PretrainConfig, argv))
+    assert (seen["attn_impl"], seen["dropout"], seen["gradient_checkpointing"]) == ("naive", 0.1, True)
+    assert not os.path.exists(sandbox / "never")
