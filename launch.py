@@ -96,7 +96,7 @@ def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_examp
         f"  launch: world size {world}, parallel={parallel}{why}, device {device}, dtype {str(dtype)[6:]}",
         f"  batch:  {cfg.batch_size} {unit} per step = micro {micro} x accum {accum} x world {world}; "
         f"{seqs} x {cfg.seq_len} = {seqs * cfg.seq_len:,} tokens per step{most}",
-        f"  run:    {cfg.steps} steps = {cfg.steps * seqs * cfg.seq_len:,} tokens{most}",
+        f"  run:    {cfg.steps:,} steps = {cfg.steps * seqs * cfg.seq_len:,} tokens{most}",
     ]
     if model_cfg is not None:
         # The planner's modes: our ddp, torch_ddp and none keep whole replicas; fsdp shards (zero2 keeps gathers).

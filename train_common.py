@@ -133,11 +133,12 @@ class TrainConfig:
             self.check_path(errors, "resume", self.resume, "checkpoint directory")
         return errors
 
-    def check_path(self, errors: list[str], key: str, path: str, what: str = "directory", hint: str = "") -> bool:
-        """Does input `path` exist (a dir, or a file when `what` ends in "file")? If not, an error naming `key`;
-        in a dry run only a note (`self.unchecked`): a documented command may name a hub download, a GPU
-        machine's data or an earlier stage's output that this machine does not have."""
-        found = os.path.isfile(path) if what.endswith("file") else os.path.isdir(path)
+    def check_path(self, errors: list[str], key: str, path: str, what: str = "directory", hint: str = "",
+                   probe: str = "") -> bool:  # fmt: skip
+        """Does input `path` exist (a dir, or a file when `what` ends in "file"; or the file `probe` in it)? If not,
+        an error naming `key`; in a dry run only a note (`self.unchecked`): a documented command may name a hub
+        download, a GPU machine's data or an earlier stage's output that this machine does not have."""
+        found = os.path.isfile(probe or path) if probe or what.endswith("file") else os.path.isdir(path)
         if not found:
             message = f"{key}: no {what} at '{path}'{hint}"
             if self.dry_run:

@@ -59,7 +59,7 @@ class PretrainConfig(tc.TrainConfig):
     def validate(self) -> list[str]:
         errors = super().validate()
         meta = os.path.join(self.data_dir, "meta.json")
-        self.check_path(errors, "data_dir", meta, "prepared data file", " (run: python prepare_data.py)")
+        self.check_path(errors, "data_dir", self.data_dir, "prepared data", " (run: python prepare_data.py)", meta)
         if not 0.0 <= self.dropout < 1.0:
             errors.append("dropout must be in [0, 1)")
         if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
