@@ -84,7 +84,7 @@ def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_examp
 
     model_cfg: the ModelConfig the run would build (None when its base is not on this machine). per_example:
     sequences per example (2 for a DPO pair). ragged: examples shorter than seq_len (token counts are bounds). Memory is planner.py's per-device estimate for full training."""
-    _, local_rank, world = distributed.launch_env()
+    rank, local_rank, world = distributed.launch_env()
     parallel = resolve_parallel(cfg, world)
     micro, accum = batch_split(cfg, world)
     device = resolve_device(cfg, local_rank)
@@ -113,4 +113,5 @@ def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_examp
         ]
     lines += [f"  note:   {n}" for n in notes]
     lines += [f"  not checked here: {n}" for n in cfg.__dict__.get("unchecked", [])]
-    print("\n".join(lines), flush=True)
+    if rank == 0:  # under torchrun every rank checks the same things; one prints them
+        print("\n".join(lines), flush=True)

@@ -66,7 +66,7 @@ def _texts() -> list[tuple[str, str]]:
     return out
 
 
-COMMAND = re.compile(r"(?:\btorchrun\b[^`#|;\n]*?|\bpython3?\s+)(train_\w+\.py)\b([^`#|;\n]*)")
+COMMAND = re.compile(r"(?:WORLD_SIZE=\d+\s+)?(?:\btorchrun\b[^`#|;\n]*?|\bpython3?\s+)(train_\w+\.py)\b([^`#|;\n]*)")
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -84,8 +84,9 @@ def documented_commands() -> list[tuple[str, str]]:
 
 
 def world_size_of(tokens: list[str]) -> int:
-    opts = dict(re.findall(r"--(nproc_per_node|nnodes)[= ](\d+)", " ".join(tokens)))
-    return int(opts.get("nproc_per_node", 1)) * int(opts.get("nnodes", 1))
+    """torchrun's --nproc_per_node x --nnodes, or a WORLD_SIZE=N written before `python` (a dry run's way)."""
+    opts = dict(re.findall(r"(?:--)?(nproc_per_node|nnodes|WORLD_SIZE)[= ](\d+)", " ".join(tokens)))
+    return int(opts.get("WORLD_SIZE", 1)) * int(opts.get("nproc_per_node", 1)) * int(opts.get("nnodes", 1))
 
 
 def test_the_extractor_finds_the_commands_the_issue_names():
@@ -96,6 +97,7 @@ def test_the_extractor_finds_the_commands_the_issue_names():
     assert "python train_pretrain.py configs/pretrain_tiny.yaml" in found  # `make pretrain  # python ...: text`
     assert world_size_of(shlex.split("torchrun --nnodes=2 --nproc_per_node=8 train_pretrain.py")) == 16
     assert world_size_of(shlex.split("torchrun --nproc_per_node 2 train_sft.py")) == 2
+    assert world_size_of(shlex.split("WORLD_SIZE=8 python train_pretrain.py dry_run=true")) == 8
 
 
 # ----------------------------------------------------------------------------- running them
