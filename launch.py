@@ -83,7 +83,8 @@ def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_examp
     `WORLD_SIZE=8 python train_pretrain.py CONFIG dry_run=true` shows what 8 GPUs would run.
 
     model_cfg: the ModelConfig the run would build (None when its base is not on this machine). per_example:
-    sequences per example (2 for a DPO pair). ragged: examples shorter than seq_len (token counts are bounds). Memory is planner.py's per-device estimate for full training."""
+    sequences per example (2 for a DPO pair). ragged: examples may be shorter than seq_len, so token counts are
+    upper bounds. Memory is planner.py's per-device estimate for full training."""
     rank, local_rank, world = distributed.launch_env()
     parallel = resolve_parallel(cfg, world)
     micro, accum = batch_split(cfg, world)

@@ -99,8 +99,8 @@ class VLMTrainConfig(tc.TrainConfig):
         if self.lm:
             self.check_path(errors, "lm", self.lm, "checkpoint directory")
         else:
-            tokenizer = os.path.join(self.tokenizer_dir, "tokenizer.model")
-            self.check_path(errors, "tokenizer_dir", tokenizer, "tokenizer.model file", " (run: python prepare_data.py)")
+            tokenizer, hint = os.path.join(self.tokenizer_dir, "tokenizer.model"), " (run: python prepare_data.py)"
+            self.check_path(errors, "tokenizer_dir", tokenizer, "tokenizer.model file", hint)
         bad = [f for f in self.families if f not in vlm_data.FAMILIES]
         if bad or not self.families:
             errors.append(f"families must be among {list(vlm_data.FAMILIES)}, got {self.families}")

@@ -3,10 +3,11 @@
 - The README's 2-rank pretraining command and the SFT recipe under `torchrun` (python -m torch.distributed.run),
   exactly as written plus small overrides (the micro model, the tiny fixture data, a few steps), against one
   process with the same config: the logged losses to 1e-5 and the final weights (adapters for LoRA).
-- The other stages and modes in one 2-rank spawn (test_distributed's launcher, with a timeout), each run a script's main() in
-  turn: pretraining under torch_ddp and torch_fsdp2 (dense) and our fsdp (MoE), SFT full and QLoRA, DPO with
-  LoRA, and the VLM's two stages, each against its single-process run.
-- One process group serves every check: a launch costs seconds of imports, a tiny run a fraction of that.
+- The other stages and modes in one 2-rank spawn (test_distributed's launcher, with a timeout), each a script's
+  main() in turn: pretraining under torch_ddp and torch_fsdp2 (dense) and our fsdp (MoE), SFT full and QLoRA,
+  DPO with LoRA, and the VLM's two stages, each against its single-process run.
+- The spawned ranks keep one process group for all their runs: a launch costs seconds of imports, a tiny run
+  a fraction of that.
 
 The batch arithmetic under test (launch.batch_split): batch_size is the global batch, so 1 process runs micro
 16 x accum 1 and 2 ranks micro 8 x accum 1 each for the README's batch_size 16; the loss is the mean over the
@@ -100,8 +101,9 @@ def moe_model(tmp_path_factory):
 
 def pretrain_args(data: str, out: str, **kw) -> list[str]:
     """configs/pretrain_tiny.yaml made small: the micro model, seq 32, 4 steps; batch_size 16 / micro 16 as written."""
-    args = dict(data_dir=data, model=MICRO_MODEL, seq_len=32, steps=4, warmup_steps=1, eval_every=0, eval_batches=1,
-                log_every=1, save_every=100, sample_every=0, sample_tokens=4, progress="false", out_dir=out)  # fmt: skip
+    args = dict(data_dir=data, model=MICRO_MODEL, seq_len=32, steps=4, warmup_steps=1, eval_every=0,
+                eval_batches=1, log_every=1, save_every=100, sample_every=0, sample_tokens=4, progress="false",
+                out_dir=out)  # fmt: skip
     return [os.path.join(ROOT, "configs", "pretrain_tiny.yaml"), *kv(**{**args, **kw})]
 
 
