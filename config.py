@@ -360,10 +360,11 @@ def getattr_path(obj, dotted: str):
 def run_cli(main, cls, description: str = "", argv: list[str] | None = None, show_config: bool = True):
     """The entry point of every script: parse, print the config, run, turn user mistakes into one line.
 
+    `--dry-run` is spelled `dry_run=true` for the training scripts (launch.dry_run).
     ConfigError / UserError -> `error: <message>` on stderr, exit 2, no traceback.
     Ctrl-C that the script did not handle itself -> exit 130.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["dry_run=true" if a == "--dry-run" else a for a in (sys.argv[1:] if argv is None else argv)]
     if "-h" in argv or "--help" in argv:
         print(help_text(cls, description))
         sys.exit(0)

@@ -180,6 +180,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(sandbox, monkeypatch, capsys
         n = Transformer(ModelConfig(**{**micro.__dict__, "vocab_size": 512})).num_parameters()
     assert f"{n / 1e6:,.2f}M parameters" in out  # vocab from data/builtin's tokenizer (512 in the fixture)
     assert not os.path.exists(sandbox / "out" / "never")
+    run_cli(train_pretrain.main, train_pretrain.PretrainConfig, argv=[*argv, "--dry-run"], show_config=False)
+    assert capsys.readouterr().out == out  # --dry-run is the same switch
     # A GPU recipe on this machine: arithmetic for 8 ranks, the missing data named, not an error.
     code, out, err = dry_run(["configs/pretrain_0.5B.yaml"], "train_pretrain.py", 8, monkeypatch, capsys)
     assert code == 0 and "micro 8 x accum 4 x world 8" in out and "parallel=fsdp" in out
