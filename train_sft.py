@@ -64,7 +64,16 @@ import lora
 import tasks
 import train_common as tc
 from config import UserError, run_cli
-from finetune import ExampleSampler, collate, load_base, load_conversations, pack, render_example, val_loss
+from finetune import (
+    ExampleSampler,
+    collate,
+    load_base,
+    load_conversations,
+    pack,
+    render_example,
+    resolve_base,
+    val_loss,
+)
 from model import TOKENIZER_FILES, Transformer
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
@@ -116,7 +125,7 @@ class SFTConfig(tc.TrainConfig):
         errors = super().validate()
         if self.finetune not in ("full", "lora", "qlora"):
             errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        if not os.path.isdir(self.base):
+        if not self.base.startswith("hf:") and not os.path.isdir(self.base):
             errors.append(f"base: no checkpoint directory at '{self.base}'")
         if self.tokenizer and not os.path.isdir(self.tokenizer):
             errors.append(f"tokenizer: no directory at '{self.tokenizer}'")
@@ -146,6 +155,7 @@ def main(cfg: SFTConfig) -> None:
     run = tc.Run(cfg, "sft")
     device = run.device
     use_lora = cfg.finetune != "full"
+    cfg.base = resolve_base(cfg.base)  # hf:ORG/NAME -> its snapshot dir in the hub cache; a dir stays as is
     tok_dir = cfg.tokenizer or cfg.base
     base_dir = os.path.abspath(cfg.base)  # adapters name their base by an absolute path: loadable from anywhere
 
