@@ -289,7 +289,7 @@ def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto
     huggingface_hub's cache, hf_checkpoint.resolve_checkpoint). quantize="nf4" stores the block linears in
     4 bits (lora.quantize_nf4). Anything wrong with the dir (missing, not a checkpoint, truncated weights,
     a tokenizer larger than the model's vocabulary) is a one-line UserError."""
-    if quantize not in ("", "none", "nf4"):
+    if quantize not in ("", "nf4"):
         raise UserError(f"quantize: '{quantize}' is not one of '', nf4")
     try:
         checkpoint = hf_checkpoint.resolve_checkpoint(checkpoint)

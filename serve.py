@@ -37,6 +37,7 @@ import json
 import os
 import queue
 import random
+import socket
 import threading
 import time
 import uuid
@@ -49,7 +50,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from config import format_config, run_cli
+from config import UserError, format_config, run_cli
 from generation import TextStream, continuation, cut_at_stop, generate, load_for_inference, stop_ids_of
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
@@ -394,6 +395,11 @@ def make_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
 def main(cfg: ServeConfig) -> None:
     print(format_config(dataclasses.replace(cfg, api_key="***" if cfg.api_key else "")), flush=True)  # no secret
+    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as probe:  # before the slow load
+        try:
+            probe.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise UserError(f"host/port: cannot listen on {cfg.host}:{cfg.port} ({e.strerror})") from None
     # ---- model ----
     app = make_app(cfg)
     # ---- serve ----
