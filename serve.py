@@ -227,8 +227,9 @@ def chat_prompt(req: ChatRequest, tokenizer, cfg: ServeConfig) -> list[int]:
         raise APIError(400, "messages: at least one message is required", "messages")
     if len(req.messages) > cfg.max_messages:
         raise APIError(400, f"messages: {len(req.messages)} messages, the limit is {cfg.max_messages}", "messages")
-    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer:
-    messages = []  # OpenAI's newer name for the system role
+    # "developer" is OpenAI's newer name for the system role; tool and function messages are not supported.
+    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+    messages = []
     for i, m in enumerate(req.messages):
         if m.role not in roles:
             raise APIError(400, f"messages[{i}].role: unknown role '{m.role}' (system, user, assistant)",
@@ -326,9 +327,9 @@ def make_app(cfg: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
         if isinstance(req.prompt, list) and len(req.prompt) != 1:
             raise APIError(400, "prompt: give one prompt (a string)", "prompt")
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         if len(prompt) > cfg.max_chars:
             raise APIError(400, f"prompt: {len(prompt)} characters, the limit is {cfg.max_chars}", "prompt")
         return await answer(req, engine.tokenizer.encode(prompt, bos=True), chat=False)
