@@ -266,6 +266,23 @@ def test_api_key_required_when_set(ckpt, reference):
         running.stop()
 
 
+def test_quantize_nf4_serves_the_4bit_model(ckpt):
+    """quantize=nf4 reaches the served model: its block linears are NF4, and it answers what the same
+    checkpoint loaded with quantize=nf4 outside the server answers greedily."""
+    import lora
+
+    app = serve.make_app(serve.ServeConfig(checkpoint=ckpt, device="cpu", quantize="nf4"))
+    served = app.state.engine.model
+    assert sum(isinstance(m, lora.NF4Linear) for m in served.modules()) == 7 * served.config.num_hidden_layers
+    running = Running(app)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0)
+        got = client.chat.completions.create(model="m", messages=ask("hi"), temperature=0, max_tokens=MAX_TOKENS)
+    finally:
+        running.stop()
+    assert got.choices[0].message.content == greedy_text(load_for_inference(ckpt, "cpu", quantize="nf4"), ask("hi"))[0]
+
+
 def test_config_mistakes_are_one_line(capsys, tmp_path):
     for args, key in ((["checkpoint=" + str(tmp_path / "none")], "checkpoint"), (["port=70000"], "port"),
                       (["quantize=int3"], "quantize"), (["max_chars=0"], "max_chars")):  # fmt: skip
