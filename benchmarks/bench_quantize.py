@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-val-tokens", type=int, default=50_000)
-    ap.add_argument("--limit", type=int, default=200, help="task rows")
+    ap.add_argument("--limit", type=int, default=300, help="task rows (the built-in test set has 300)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     for path in (args.checkpoint, args.data):

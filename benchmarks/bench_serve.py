@@ -131,8 +131,8 @@ def main():
     print("| clients | requests | req/s | tokens/s | TTFT p50 (s) | TTFT p90 (s) | latency p50 (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | "
-              f"{r['ttft_p90']:.3f} | {r['lat_p50']:.3f} |")  # fmt: skip
+        ttft = "| - | - |" if r["clients"] == "direct" else f"| {r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} |"
+        print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} {ttft} {r['lat_p50']:.3f} |")
     print(f"server tokens/s at 1 client / direct generate: {rows[0]['tok_s'] / rows[-1]['tok_s']:.2f}")
 
 
