@@ -17,8 +17,14 @@ DPO      := out/dpo/DONE
 setup:            ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
 
-setup-test:       ## runtime + test-only references (transformers, peft) and the test runner
+setup-test:       ## runtime + test-only references (transformers, peft, openai), the test runner, a headless browser
 	$(PIP) install -q -r requirements-test.txt
+	@# The chat page's browser test needs Chromium + chromedriver from the OS. Installed only as root on Debian/Ubuntu
+	@# (apt-get); elsewhere the test skips and says why.
+	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+			|| echo "setup-test: could not install chromium; the browser test will skip"; \
+	fi
 
 demo: setup $(DPO) eval samples   ## data -> tokenizer -> pretrain -> SFT (LoRA) -> DPO -> eval -> samples
 

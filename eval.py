@@ -216,7 +216,7 @@ def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16) ->
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = "out/pretrain"  # checkpoint dir: ours, a LoRA adapter dir, or an HF Llama/Mixtral dir
+    checkpoint: str = "out/pretrain"  # checkpoint dir (ours, a LoRA adapter, HF Llama/Mixtral) or hf:ORG/NAME
     compare: list[str] = field(default_factory=list)  # several checkpoints side by side, e.g. compare=base,sft,dpo
     data: str = "data/builtin"  # LM loss: a prepared data dir (val shards) or text files (glob, comma list); "" = skip
     tasks: str = "data/builtin/test.jsonl"  # exact-match tasks {"prompt","answer"} (greedy chat); "" = skip
@@ -229,9 +229,13 @@ class EvalConfig:
     batch_size: int = 8  # sequences per forward
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    quantize: str = ""  # nf4: block linears stored in 4 bits (lora.quantize_nf4); "" = as loaded
 
     def validate(self) -> list[str]:
-        errors = [f"checkpoint: no directory at '{d}'" for d in self.checkpoints() if not os.path.isdir(d)]
+        errors = [f"checkpoint: no directory at '{d}'" for d in self.checkpoints()
+                  if not d.startswith("hf:") and not os.path.isdir(d)]  # fmt: skip
+        if self.quantize not in ("", "nf4"):
+            errors.append(f"quantize must be '' or nf4, not '{self.quantize}'")
         if self.data and not os.path.isdir(self.data) and not any(glob.glob(p.strip()) for p in self.data.split(",")):
             errors.append(f"data: no directory or files at '{self.data}' (set data= to skip the LM loss)")
         for key in ("tasks", "choices"):
@@ -264,7 +268,7 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
 
         if vlm.is_vlm_checkpoint(checkpoint):  # caption / VQA exact match on held-out images
             metrics |= vlm.evaluate_checkpoint(checkpoint, cfg.vqa, n=cfg.limit or 200)
-    model, tokenizer = load_for_inference(checkpoint, cfg.device, cfg.dtype)
+    model, tokenizer = load_for_inference(checkpoint, cfg.device, cfg.dtype, cfg.quantize)
     if cfg.data:
         seq_len = min(cfg.seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         if os.path.isfile(os.path.join(cfg.data, "meta.json")):

@@ -4,8 +4,8 @@
   into (x, y) with the loss on assistant tokens only (`render_example`), a micro-batch right-padded
   (`collate`) or packed into few rows (`pack`), and a seeded, resumable example order (`ExampleSampler`);
 - the held-out loss per assistant token (`val_loss`);
-- the base model with LoRA / QLoRA applied (`load_base`), its size for a dry run (`plan_base_config`), and the
-  parallel modes adapters accept (`sharding_errors`).
+- the base model with LoRA / QLoRA applied (`load_base`), named by a dir or a hub id (`resolve_base`), its
+  size for a dry run (`plan_base_config`), and the parallel modes adapters accept (`sharding_errors`).
 
 The loops themselves live in train_sft.py, train_dpo.py and train_grpo.py.
 """
@@ -20,7 +20,7 @@ import torch
 import lora
 import tasks
 from config import UserError
-from hf_checkpoint import read_config
+from hf_checkpoint import read_config, resolve_checkpoint
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -199,6 +199,15 @@ def plan_base_config(cfg):
         raise UserError(f"base: {e}") from None
 
 
+def resolve_base(base: str) -> str:
+    """The local dir of `base=`: a dir as is, `hf:ORG/NAME` downloaded into huggingface_hub's cache (or found
+    there offline). Scripts call it once before reading the tokenizer and the weights from the dir."""
+    try:
+        return resolve_checkpoint(base)
+    except ValueError as e:
+        raise UserError(f"base: {e}") from None
+
+
 def load_base(cfg, device: torch.device, grow_vocab_to: int = 0) -> Transformer:
     """The base model, with LoRA / QLoRA applied when asked (every non-adapter weight frozen). cfg: an SFT, DPO
     or GRPO config (base, finetune, attn_impl, base_dtype, dropout, gradient_checkpointing, the lora_* keys, seq_len).
@@ -212,7 +221,7 @@ def load_base(cfg, device: torch.device, grow_vocab_to: int = 0) -> Transformer:
         dtype = "bfloat16" if cfg.finetune != "full" and device.type == "cuda" else "float32"
     try:
         model = Transformer.from_pretrained(
-            cfg.base, dtype=dtype, device=device, attn_impl=attn, dropout=cfg.dropout,
+            resolve_base(cfg.base), dtype=dtype, device=device, attn_impl=attn, dropout=cfg.dropout,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )  # fmt: skip
         added = lora.grow_vocab(model, grow_vocab_to) if grow_vocab_to else 0

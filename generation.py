@@ -33,6 +33,7 @@ import os
 import torch
 from safetensors import SafetensorError
 
+import hf_checkpoint
 import lora
 from config import UserError
 from model import Transformer
@@ -283,9 +284,17 @@ def load_tokenizer(checkpoint: str):
     raise UserError(f"{checkpoint}: no tokenizer.model or tokenizer.json (a tokenizer is needed to sample)")
 
 
-def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto"):
-    """(model in eval mode, tokenizer) from a checkpoint dir. Anything wrong with the dir (missing, not a
-    checkpoint, truncated weights, a tokenizer larger than the model's vocabulary) is a one-line UserError."""
+def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", quantize: str = ""):
+    """(model in eval mode, tokenizer) from a checkpoint dir or a hub id `hf:ORG/NAME` (downloaded into
+    huggingface_hub's cache, hf_checkpoint.resolve_checkpoint). quantize="nf4" stores the block linears in
+    4 bits (lora.quantize_nf4). Anything wrong with the dir (missing, not a checkpoint, truncated weights,
+    a tokenizer larger than the model's vocabulary) is a one-line UserError."""
+    if quantize not in ("", "nf4"):
+        raise UserError(f"quantize: '{quantize}' is not one of '', nf4")
+    try:
+        checkpoint = hf_checkpoint.resolve_checkpoint(checkpoint)
+    except ValueError as e:
+        raise UserError(f"checkpoint: {e}") from None
     if not os.path.isdir(checkpoint):
         raise UserError(f"checkpoint: no directory at '{checkpoint}'")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -298,6 +307,8 @@ def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto
         raise UserError(f"{checkpoint}: {str(e).splitlines()[0]}") from None
     if os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
         lora.merge_lora(model)  # inference only: fold B @ A into the weights, one matmul per layer again
+    if quantize == "nf4":  # after the merge: an adapter is folded into the weights that get quantized
+        lora.quantize_nf4(model)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(

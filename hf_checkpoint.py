@@ -12,6 +12,7 @@ mapping: saving is `state_dict()` minus a tied lm_head, written as safetensors w
 `load` reads our dirs, HF Llama / Mixtral dirs (one file or shards with model.safetensors.index.json), and
 LoRA adapter dirs (base named by base_model_name_or_path, then lora.load_adapter). Nothing is unpickled:
 a dir with only pytorch_model.bin is refused. Files are written under a temporary name and renamed.
+`resolve_checkpoint` turns a hub id (`hf:ORG/NAME`) into a local snapshot dir of huggingface_hub's cache.
 
 Used through `Transformer.save_pretrained` / `Transformer.from_pretrained` (model.py).
 """
@@ -116,6 +117,42 @@ def load(cls, path: str, dtype=None, device="cpu", **overrides):
             setattr(model.get_submodule(module), attr, torch.zeros_like(buf, device=device))
     model.init_rope()
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# base models by hub id: hf:ORG/NAME -> a snapshot dir in huggingface_hub's cache
+# ---------------------------------------------------------------------------------------------------------------------
+HUB_PREFIX = "hf:"
+# What a checkpoint needs, and never pickles (*.bin, *.pth): a repo's other files are not downloaded.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """A local directory for a checkpoint name. A path comes back unchanged; `hf:ORG/NAME` (or
+    `hf:ORG/NAME@REVISION`) is fetched with huggingface_hub.snapshot_download into its cache (HF_HUB_CACHE,
+    ~/.cache/huggingface/hub by default) and the snapshot dir is returned, so a second run reads the cache.
+    Offline (HF_HUB_OFFLINE=1, or no network) a cached snapshot is used as is; a model that is not cached
+    raises ValueError with the one command to run on a connected machine. Used by generation.load_for_inference
+    (sample, eval, serve) and finetune.load_base (SFT, DPO, GRPO)."""
+    if not spec.startswith(HUB_PREFIX):
+        return spec
+    repo, _, revision = spec[len(HUB_PREFIX) :].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"'{spec}' is not a hub id: write hf:ORG/NAME, e.g. hf:TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    import huggingface_hub  # lazy: only hub ids need it (it comes with datasets)
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable
+        get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+        raise ValueError(
+            f"'{spec}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached "
+            f"(offline): on a connected machine run `{get}`, then copy that cache folder here"
+        ) from None
+    except Exception as e:  # repo not found, gated, bad revision, ...: huggingface_hub has many error types
+        raise ValueError(f"'{spec}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

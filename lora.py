@@ -53,6 +53,7 @@ How to use
     print(trainable_report(model))
     save_adapter(model, "ckpt/sft", base_model_name_or_path="ckpt/base")
     with disable_adapters(model): ref_logits = model(idx)    # the base model, e.g. DPO's reference
+    quantize_nf4(merge_lora(model))                          # 4-bit inference (NF4Linear), no adapters
 
 Tests: `python -m pytest -q tests/test_lora.py` (PEFT parity, NF4 against bitsandbytes' numbers).
 Benchmark: `python benchmarks/bench_lora.py`.
@@ -374,6 +375,47 @@ def trainable_report(model) -> str:
             f"nf4 base: {nf4_params:,} params in {nf4_bytes:,} bytes = {nf4_bytes / nf4_params:.4f} bytes/param"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4-bit inference: the same NF4 storage, without adapters (sample.py / eval.py / serve.py quantize=nf4)
+
+
+class NF4Linear(nn.Module):
+    """An inference-only linear layer stored in NF4: x (..., in) -> (..., out). The QLoRA base above without
+    the adapter. The weight is dequantized in every forward, so only the packed codes stay in memory; that
+    costs time here (plain PyTorch; bitsandbytes fuses dequantize and matmul in one CUDA kernel)."""
+
+    def __init__(self, weight: torch.Tensor, bias, block_size: int = 64, double_quant: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.block_size = block_size
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        for name, t in nf4_quantize(weight, block_size, double_quant).items():
+            self.register_buffer("nf4_" + name, t, persistent=False)  # never saved: rebuilt from the checkpoint
+
+    def forward(self, x):
+        state = {name[4:]: buf for name, buf in self.named_buffers() if name.startswith("nf4_")}
+        w = nf4_dequantize(state, (self.out_features, self.in_features), self.block_size, x.dtype)  # (out, in)
+        return F.linear(x, w, self.bias)
+
+
+def quantize_nf4(model, block_size: int = 64, double_quant: bool = False) -> int:
+    """Store every linear layer of the transformer blocks in NF4, in place, for inference; returns how many.
+    lm_head, the embedding and the norms keep their dtype (transformers' bitsandbytes path also skips lm_head:
+    the logits are the most sensitive output), as do MoE experts (stacked tensors, not nn.Linear). LoRA layers
+    must be merged first (generation.load_for_inference merges an adapter before quantizing)."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        if name.endswith("lm_head") or ".lora_" in name or not isinstance(m, (nn.Linear, LoRALinear)):
+            continue
+        if isinstance(m, LoRALinear) and (m.quantize or not m.merged):
+            raise ValueError(f"quantize_nf4: {name} is an unmerged or already quantized LoRA layer; merge_lora first")
+        parent, _, child = name.rpartition(".")
+        with torch.no_grad():
+            setattr(model.get_submodule(parent), child, NF4Linear(m.weight, m.bias, block_size, double_quant))
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from generation import TextStream, continuation, cut_at_stop, generate, load_for
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = "out/pretrain"  # checkpoint dir: ours, a LoRA adapter dir, or an HF Llama/Mixtral dir
+    checkpoint: str = "out/pretrain"  # checkpoint dir (ours, a LoRA adapter, HF Llama/Mixtral) or hf:ORG/NAME
     prompt: str = ""  # text to continue (ignored with chat=true)
     prompts_file: str = ""  # a file with one prompt per line, generated as one batch
     chat: bool = False  # multi-turn chat with the chat template (reads stdin when it is piped)
@@ -47,12 +47,13 @@ class SampleConfig:
     seed: int = 1337  # sampling seed
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    quantize: str = ""  # nf4: block linears stored in 4 bits (lora.quantize_nf4); "" = as loaded
     stream: bool = True  # print tokens as they are generated (single prompt, and chat)
     image: str = ""  # an image file for a VLM checkpoint (train_vlm.py): `prompt` is asked about it
 
     def validate(self) -> list[str]:
         errors = []
-        if not os.path.isdir(self.checkpoint):
+        if not self.checkpoint.startswith("hf:") and not os.path.isdir(self.checkpoint):
             errors.append(f"checkpoint: no directory at '{self.checkpoint}'")
         if self.prompts_file and not os.path.isfile(self.prompts_file):
             errors.append(f"prompts_file: no file at '{self.prompts_file}'")
@@ -64,6 +65,8 @@ class SampleConfig:
             errors.append("top_k must be >= 0, max_new_tokens and num_samples > 0")
         if self.repetition_penalty <= 0:
             errors.append("repetition_penalty must be > 0")
+        if self.quantize not in ("", "nf4"):
+            errors.append(f"quantize must be '' or nf4, not '{self.quantize}'")
         return errors
 
 
@@ -152,7 +155,7 @@ def main(cfg: SampleConfig) -> list[str] | None:
     cfg.stop = [parse_stop(s) for s in cfg.stop]
     if cfg.image:
         return answer_about_image(cfg)
-    model, tokenizer = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype)
+    model, tokenizer = load_for_inference(cfg.checkpoint, cfg.device, cfg.dtype, cfg.quantize)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.chat:

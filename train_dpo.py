@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import lora
 import train_common as tc
 from config import UserError, run_cli
-from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, sharding_errors
+from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, resolve_base, sharding_errors
 from launch import dry_run
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
@@ -324,7 +324,9 @@ class DPOConfig(tc.TrainConfig):
         errors = super().validate()
         if self.finetune not in ("full", "lora", "qlora"):
             errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        base_found = self.check_path(errors, "base", self.base, "checkpoint directory")
+        base_found = not self.base.startswith("hf:") and self.check_path(
+            errors, "base", self.base, "checkpoint directory"
+        )
         if base_found and os.path.isfile(os.path.join(self.base, "adapter_config.json")):
             hint = (
                 f"; use its merged model {self.base}/merged" if os.path.isdir(os.path.join(self.base, "merged")) else ""
@@ -374,6 +376,7 @@ def main(cfg: DPOConfig) -> None:
     device = run.device
     use_lora = cfg.finetune != "full"
     ref_kind = cfg.ref if cfg.ref != "auto" else ("adapters_off" if use_lora else "copy")
+    cfg.base = resolve_base(cfg.base)  # hf:ORG/NAME -> its snapshot dir in the hub cache; a dir stays as is
     tok_dir = cfg.tokenizer or cfg.base
     base_dir = os.path.abspath(cfg.base)  # adapters name their base by an absolute path: loadable from anywhere
 

@@ -72,6 +72,7 @@ from finetune import (
     pack,
     plan_base_config,
     render_example,
+    resolve_base,
     sharding_errors,
     val_loss,
 )
@@ -127,7 +128,8 @@ class SFTConfig(tc.TrainConfig):
         errors = super().validate()
         if self.finetune not in ("full", "lora", "qlora"):
             errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        self.check_path(errors, "base", self.base, "checkpoint directory")
+        if not self.base.startswith("hf:"):  # a hub id is resolved (downloaded) in main, not while validating
+            self.check_path(errors, "base", self.base, "checkpoint directory")
         if self.tokenizer:
             self.check_path(errors, "tokenizer", self.tokenizer)
         for key in ("data", "val_data", "eval_tasks"):
@@ -160,6 +162,7 @@ def main(cfg: SFTConfig) -> None:
     run = tc.Run(cfg, "sft")
     device = run.device
     use_lora = cfg.finetune != "full"
+    cfg.base = resolve_base(cfg.base)  # hf:ORG/NAME -> its snapshot dir in the hub cache; a dir stays as is
     tok_dir = cfg.tokenizer or cfg.base
     base_dir = os.path.abspath(cfg.base)  # adapters name their base by an absolute path: loadable from anywhere
 

@@ -31,6 +31,7 @@ from lora import (
     nf4_codebook,
     nf4_dequantize,
     nf4_quantize,
+    quantize_nf4,
     save_adapter,
     trainable_report,
     unmerge_lora,
@@ -388,3 +389,37 @@ def test_qlora_load_adapter_matches_dequantized_base(hf_base, peft_adapter):
                 m.weight.copy_(nf4_dequantize(nf4_quantize(m.weight, 64, True), m.weight.shape, 64))
         load_adapter(dense, ad_dir)
         torch.testing.assert_close(qmodel(idx).logits, dense(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- 4-bit inference: quantize_nf4 (sample.py / eval.py / serve.py quantize=nf4) ----
+
+
+def test_quantize_nf4_for_inference_equals_round_tripped_weights():
+    """Every block linear becomes NF4Linear: the logits equal the model whose weights went through
+    quantize -> dequantize by hand; lm_head and embeddings are untouched; storage is ~0.5625 bytes/param."""
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False)  # fmt: skip
+    model = Transformer(cfg).eval()
+    reference = copy.deepcopy(model)
+    linears = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for n in linears:
+            w = reference.get_submodule(n).weight
+            w.copy_(nf4_dequantize(nf4_quantize(w), w.shape))
+    assert quantize_nf4(model) == len(linears) == 7 * cfg.num_hidden_layers  # q k v o gate up down
+    assert isinstance(model.lm_head, nn.Linear) and not any(
+        isinstance(m, nn.Linear) for m in model.model.layers.modules()
+    )
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        got, want = model(idx), reference(idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    n_params = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in linears)
+    n_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".nf4_" in n)
+    assert n_bytes / n_params == pytest.approx(0.5 + 4 / 64)
+    with pytest.raises(ValueError, match="merge_lora first"):
+        quantize_nf4(apply_lora(copy.deepcopy(reference), r=2))
