@@ -1,7 +1,15 @@
 # The two commands a user needs:  `make demo` (the whole life cycle on built-in data) and `make test`.
 # Every stage is also a target of its own; each leaves a marker (meta.json / DONE), so a rerun skips what
 # is finished and an interrupted stage resumes from its last checkpoint. FORCE=1 redoes every stage.
+# Python: the active virtual environment (venv or conda) when there is one; otherwise a project environment in
+# .venv, made on first use. A system Python on Debian 12 / Ubuntu 24.04 refuses `pip install` (PEP 668), and a
+# project environment keeps the pinned versions away from everything else on the machine.
+IN_ENV := $(shell python3 -c 'import os, sys; print(int(sys.prefix != sys.base_prefix or "CONDA_PREFIX" in os.environ))' 2>/dev/null)
+ifeq ($(IN_ENV),1)
 PY ?= python3
+endif
+PY ?= .venv/bin/python
+ENV_DEP := $(filter .venv/bin/python,$(PY))
 PIP ?= $(PY) -m pip
 WORKERS ?= 2          # pytest-xdist workers; each uses one thread
 FORCE ?=
@@ -14,10 +22,15 @@ DPO      := out/dpo/DONE
 
 .PHONY: setup setup-test demo data pretrain sft dpo eval samples test lint gpu-check demo-vlm clean FORCE
 
-setup:            ## the pinned runtime dependencies (CPU torch on these machines)
+setup: $(ENV_DEP) ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
 
-setup-test:       ## runtime + test-only references (transformers, peft, openai), the test runner, a headless browser
+.venv/bin/python:  # not inside an environment: make the project's own (Python 3.11-3.13: every pinned wheel exists)
+	@echo "make: no active virtual environment; creating one in .venv (activate it with: source .venv/bin/activate)"
+	@python3 -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v <= (3, 13) else "make: Python 3.11-3.13 needed, python3 is %d.%d" % v)'
+	python3 -m venv .venv || { echo "make: python3 -m venv failed; on Debian/Ubuntu: sudo apt-get install python3-venv"; exit 1; }
+
+setup-test: $(ENV_DEP) ## runtime + test-only references (transformers, peft, openai), the test runner, a headless browser
 	$(PIP) install -q -r requirements-test.txt
 	@# The chat page's browser test needs Chromium + chromedriver from the OS. Installed only as root on Debian/Ubuntu
 	@# (apt-get); elsewhere the test skips and says why.
@@ -65,11 +78,11 @@ $(VLM): $(_force)
 test: setup-test  ## install and run the whole test suite
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile tests
 
-lint:
-	ruff format --check . && ruff check .
+lint: setup-test
+	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 
 gpu-check:        ## on a CUDA machine: kernel tests compiled, attention + training benchmarks, a short GPU run
-	bash benchmarks/gpu_check.sh
+	$(if $(ENV_DEP),PATH=$(CURDIR)/.venv/bin:$$PATH,) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf data out runs
