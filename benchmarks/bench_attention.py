@@ -6,7 +6,9 @@ ours / SDPA (median of repeats; > 1 means ours is faster). Tokens per batch are 
 width at 2048, as in the FlashAttention-2 paper's benchmarks (B = 16384 / T, H = 2048 / D).
 
 FLOPs counted as the FlashAttention papers do: forward = 4 * B * H * T^2 * D (two matmuls), halved when
-causal; backward = 2.5x forward (five matmuls, one of them the recomputed Q K^T).
+causal; backward = 2.5x forward (the four gradient matmuls plus one recomputed Q K^T). Our two backward kernels
+really run seven (Q K^T and dO V^T are recomputed in both), so the GPU does 3.5x the forward's matmul work; the
+convention is kept so that the TFLOP/s compare with the paper's and with SDPA's.
 
 Run on a CUDA machine: `python benchmarks/bench_attention.py [--seqlens 512,1024] [--dims 64,128]`.
 The first call per shape autotunes the kernels (a few seconds each); that is warm-up, not timed.

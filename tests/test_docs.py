@@ -1,13 +1,15 @@
-"""The tutorials in docs/ cannot drift from the code they teach.
+"""The tutorials in docs/ (English) and docs/zh/ (Simplified Chinese) cannot drift from the code they teach.
 
-Checks, for every docs/*.md:
+Checks, for every docs/*.md and docs/zh/*.md:
 - a fenced block preceded by `<!-- source: FILE -->` appears verbatim in FILE (repo-relative) as a
   contiguous run of lines, after removing common indentation and blank lines at the block's ends;
 - a fenced block preceded by `<!-- output: python distributed.py plan ARGS -->` is exactly what the
   memory planner prints today for ARGS (the planner builds the model on the meta device: fast);
 - every `python SCRIPT.py`, `torchrun ... SCRIPT.py` and `make TARGET` written in code (fenced blocks
   and inline `code`) names a file / Makefile target that exists; so do `configs/*.yaml`,
-  `benchmarks/*.py` and `tests/test_*.py[::test_name]` references, and relative links to other pages.
+  `benchmarks/*.py`, `scripts/*.sh`, `docs/*.md` and `tests/test_*.py[::test_name]` references, and every relative link
+  (pages, source files, figures) resolves from the page that holds it.
+The command, path and link checks also run over README.md and README_zh.md.
 
 The checker itself is tested on a scratch file: changing one quoted line must make it fail.
 Run: `python -m pytest -q tests/test_docs.py` (well under a second).
@@ -16,6 +18,7 @@ Run: `python -m pytest -q tests/test_docs.py` (well under a second).
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import os
@@ -27,6 +30,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCS_ZH = sorted(glob.glob(os.path.join(ROOT, "docs", "zh", "*.md")))  # the Chinese twins (tests/test_docs_zh.py)
+PAGES = DOCS + DOCS_ZH
+READMES = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "README_zh.md")]
 
 MARKER = re.compile(r"^<!--\s*(source|output):\s*(.+?)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)(```+|~~~+)")
@@ -84,6 +90,21 @@ def code_spans(text: str) -> list[str]:
     return spans
 
 
+def relative_links(text: str) -> list[str]:
+    """Targets of Markdown links and images written outside code, without #anchors; web links and bare
+    anchors are left out."""
+    prose = []
+    inside = False
+    for line in text.split("\n"):
+        if FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside:
+            prose.append(re.sub(r"`[^`\n]+`", "", line))
+    targets = re.findall(r"\]\(([^)\s]+)\)", "\n".join(prose))
+    return [t.split("#", 1)[0] for t in targets if t.split("#", 1)[0] and not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
 def _trim(lines: list[str]) -> list[str]:
     while lines and not lines[0].strip():
         lines = lines[1:]
@@ -128,7 +149,8 @@ def defined_tests(path: str) -> set[str]:
         return set(re.findall(r"^def (test_\w+)", fh.read(), flags=re.M))
 
 
-def planner_output(args: str) -> list[str]:
+@functools.lru_cache(maxsize=None)  # the Chinese chapters quote the same tables: plan each once
+def planner_output(args: str) -> tuple[str, ...]:
     """What `python distributed.py plan ARGS` prints, run in-process."""
     import planner
 
@@ -136,7 +158,7 @@ def planner_output(args: str) -> list[str]:
     with contextlib.redirect_stdout(out):
         planner.main([os.path.join(ROOT, a) if a.endswith(".yaml") else a for a in shlex.split(args)])
     # the config path is printed as given; show it repo-relative, as the docs write it
-    return out.getvalue().replace(ROOT + os.sep, "").rstrip("\n").split("\n")
+    return tuple(out.getvalue().replace(ROOT + os.sep, "").rstrip("\n").split("\n"))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -151,13 +173,18 @@ def _rel(path):
     return os.path.relpath(path, ROOT)
 
 
+def _placeholder(path: str) -> bool:
+    """`python SCRIPT.py --help`, `configs/model/MODEL.yaml`: an upper-case name stands for any file."""
+    return bool(re.fullmatch(r"[A-Z_]+\.\w+", os.path.basename(path)))
+
+
 def test_docs_exist():
     names = [os.path.basename(p) for p in DOCS]
     assert "00-index.md" in names, names
     assert len(names) >= 10, names
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=os.path.basename)
+@pytest.mark.parametrize("doc", PAGES, ids=_rel)
 def test_quoted_code_matches_source(doc):
     text = _read(doc)
     problems = [f"{_rel(doc)}:{n}: marker not directly followed by a fence" for n in dangling_markers(text)]
@@ -178,7 +205,7 @@ def test_quoted_code_matches_source(doc):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=os.path.basename)
+@pytest.mark.parametrize("doc", PAGES, ids=_rel)
 def test_every_chapter_quotes_code(doc):
     if os.path.basename(doc).startswith("00-"):
         return
@@ -186,7 +213,7 @@ def test_every_chapter_quotes_code(doc):
     assert quotes, f"{_rel(doc)} quotes no code with a <!-- source: FILE --> marker"
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=os.path.basename)
+@pytest.mark.parametrize("doc", PAGES, ids=_rel)
 def test_quoted_planner_output_is_current(doc):
     problems = []
     for block in fenced_blocks(_read(doc)):
@@ -195,28 +222,27 @@ def test_quoted_planner_output_is_current(doc):
         command = block["marker"][1]
         m = re.fullmatch(r"python distributed\.py plan (.+)", command)
         assert m, f"{_rel(doc)}:{block['start']}: only planner output can be checked, got {command!r}"
-        want = planner_output(m.group(1))
+        want = list(planner_output(m.group(1)))
         have = _trim([line.rstrip() for line in block["lines"]])
         if have != want:
             problems.append(f"{_rel(doc)}:{block['start']}: `{command}` now prints:\n" + "\n".join(want))
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=os.path.basename)
+@pytest.mark.parametrize("doc", PAGES + READMES, ids=_rel)
 def test_commands_and_paths_exist(doc):
     text = _read(doc)
     targets = makefile_targets()
     problems = []
     for span in code_spans(text):
         for script in re.findall(r"(?:\bpython3?|\btorchrun)\b[^\n|;&]*?\s([\w./-]+\.py)\b", span):
-            placeholder = re.fullmatch(r"[A-Z_]+\.py", os.path.basename(script))  # `python SCRIPT.py --help`
-            if not placeholder and not os.path.isfile(os.path.join(ROOT, script)):
+            if not _placeholder(script) and not os.path.isfile(os.path.join(ROOT, script)):
                 problems.append(f"script {script} does not exist")
         for target in re.findall(r"(?:^|[\s;&|(])make\s+([A-Za-z][\w.-]*)", span):
             if target not in targets and not target.isupper():  # `make TARGET` is a placeholder
                 problems.append(f"make target {target!r} is not in the Makefile ({sorted(targets)})")
-        for path in re.findall(r"\b((?:configs|benchmarks|scripts)/[\w./-]+\.(?:yaml|py|sh))\b", span):
-            if not os.path.isfile(os.path.join(ROOT, path)):
+        for path in re.findall(r"\b((?:configs|benchmarks|scripts|docs)/[\w./-]+\.(?:yaml|py|sh|md))\b", span):
+            if not _placeholder(path) and not os.path.isfile(os.path.join(ROOT, path)):
                 problems.append(f"{path} does not exist")
         for path, name in re.findall(r"\b(tests/test_\w+\.py)(?:::(\w+))?", span):
             full = os.path.join(ROOT, path)
@@ -224,9 +250,9 @@ def test_commands_and_paths_exist(doc):
                 problems.append(f"{path} does not exist")
             elif name and name not in defined_tests(full):
                 problems.append(f"{path} has no function {name}")
-    for link in re.findall(r"\]\(([^)#:\s]+\.md)(?:#[^)]*)?\)", text):
-        if not os.path.isfile(os.path.join(os.path.dirname(doc), link)):
-            problems.append(f"link to {link}: no such page")
+    for link in relative_links(text):
+        if not os.path.exists(os.path.join(os.path.dirname(doc), link)):
+            problems.append(f"link to {link}: no such file (links resolve from {_rel(os.path.dirname(doc)) or '.'}/)")
     assert not problems, f"{_rel(doc)}:\n" + "\n".join(sorted(set(problems)))
 
 
@@ -259,3 +285,10 @@ def test_checker_sees_commands_in_code_only():
     assert "make demo" in spans and any("python nope.py" in s for s in spans)
     assert not any(s.startswith("Make sure") for s in spans)
     assert dangling_markers("<!-- source: a.py -->\ntext\n") == [1]
+
+
+def test_checker_sees_links_outside_code_and_placeholders():
+    text = "[a](01-x.md#s), [b](https://x.org), ![f](figures/p.png), [top](#t), `[c](no.md)`\n```\n[d](e.md)\n```\n"
+    assert relative_links(text) == ["01-x.md", "figures/p.png"]
+    assert _placeholder("configs/model/MODEL.yaml") and _placeholder("SCRIPT.py")
+    assert not _placeholder("configs/model/tiny.yaml")
