@@ -12,7 +12,7 @@ PRETRAIN := out/pretrain/DONE
 SFT      := out/sft/DONE
 DPO      := out/dpo/DONE
 
-.PHONY: setup setup-test demo data pretrain sft dpo eval samples test lint gpu-check demo-vlm clean FORCE
+.PHONY: setup setup-test demo data pretrain sft dpo eval samples test mutate lint gpu-check demo-vlm clean FORCE
 
 setup:            ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
@@ -58,6 +58,9 @@ $(VLM): $(_force)
 
 test: setup-test  ## install and run the whole test suite
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile tests
+
+mutate:           ## realistic bugs, one at a time in a scratch copy: which does the suite catch? (~20 min, not in test)
+	$(PY) tests/mutate.py
 
 lint:
 	ruff format --check . && ruff check .
