@@ -190,25 +190,25 @@ def plain_shard_loss(model, data_dir, T) -> float:
     return nats / count
 
 
-def plain_choice_accuracy(model, tok, rows) -> dict:
-    """acc / acc_norm (per byte) / acc_token_norm by hand: one unpadded forward per choice, log-softmax, the sum over
-    the tokens after the context's (the boundary taken from tokenizing context + choice together)."""
-    hits = {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
-    for row in rows:
-        ctx = [tok.bos_id] + tok.encode(row["context"])
-        scored = []
-        for choice in row["choices"]:
-            ids = [tok.bos_id] + tok.encode(row["context"] + choice)
-            assert ids[: len(ctx)] == ctx  # the built-in choices never merge across the boundary
-            with torch.no_grad():
-                logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)  # (T, V)
-            n = len(ids) - len(ctx)
-            total = sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids)))
-            scored.append((total, total / len(choice.encode("utf-8")), total / n))
-        for j, key in enumerate(hits):
-            best = max(range(len(scored)), key=lambda c, j=j: (scored[c][j], -c))  # ties: the first choice
-            hits[key] += best == row["label"]
-    return {k: v / len(rows) for k, v in hits.items()}
+def plain_choice_scores(model, tok, row) -> list[tuple[float, float, float]]:
+    """Per choice (sum, per UTF-8 byte, per token) of its log-prob by hand: one unpadded forward, log-softmax, the sum
+    over the tokens after the context's (the boundary taken from tokenizing context + choice together)."""
+    ctx = [tok.bos_id] + tok.encode(row["context"])
+    scored = []
+    for choice in row["choices"]:
+        ids = [tok.bos_id] + tok.encode(row["context"] + choice)
+        assert ids[: len(ctx)] == ctx  # the built-in choices never merge across the boundary
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)  # (T, V)
+        total = sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids)))
+        scored.append((total, total / len(choice.encode("utf-8")), total / (len(ids) - len(ctx))))
+    return scored
+
+
+def plain_picks(model, tok, row) -> list[int]:
+    """The choice each of acc / acc_norm / acc_token_norm picks (ties: the first choice)."""
+    scored = plain_choice_scores(model, tok, row)
+    return [max(range(len(scored)), key=lambda c, j=j: (scored[c][j], -c)) for j in range(3)]
 
 
 def test_cli_metrics_equal_plain_computations(ckpt, tiny_data_dir, tmp_path, capsys):
@@ -225,8 +225,20 @@ def test_cli_metrics_equal_plain_computations(ckpt, tiny_data_dir, tmp_path, cap
         row["answer"] = said if i % 2 == 0 else said + "!"
     task_file = tmp_path / "tasks.jsonl"
     task_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = [f"checkpoint={ckpt}", f"data={tiny_data_dir}", f"tasks={task_file}",
-            f"choices={tiny_data_dir}/choice_test.jsonl", "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
+    # Multiple choice: 12 rows on which the three scores do not all agree with the label alike (a random model's
+    # picks; found by hand-scoring the built-in rows), so that each accuracy is a different number.
+    choice_rows, by_kind = [], {}
+    for r in tasks.load_jsonl(f"{tiny_data_dir}/choice_test.jsonl", {"context": str, "choices": list}):
+        hits = tuple(p == r["label"] for p in plain_picks(model, tok, r))
+        by_kind.setdefault(hits, []).append(r)
+    quota = {(True, False, False): 3, (True, True, False): 2, (False, True, False): 1, (False, False, True): 1}
+    for hits, n in quota.items():  # acc, acc_norm, acc_token_norm: 5, 3 and 1 hits of 12 on the built-in rows
+        choice_rows += by_kind.get(hits, [])[:n]
+    choice_rows += by_kind.get((False, False, False), [])[: 12 - len(choice_rows)]
+    choice_file = tmp_path / "choices.jsonl"
+    choice_file.write_text("".join(json.dumps(r) + "\n" for r in choice_rows))
+    argv = [f"checkpoint={ckpt}", f"data={tiny_data_dir}", f"tasks={task_file}", f"choices={choice_file}",
+            "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
     metrics = json.loads(run_eval(argv, capsys).strip().splitlines()[-1])
     assert metrics["task_n"] == metrics["choice_n"] == 12 and metrics["checkpoint"] == ckpt
     assert metrics["task_acc"] == 0.5
@@ -234,9 +246,10 @@ def test_cli_metrics_equal_plain_computations(ckpt, tiny_data_dir, tmp_path, cap
     assert metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert metrics["val_ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert metrics["val_bpb"] == pytest.approx(loss / math.log(2) / val_bytes_per_token(tiny_data_dir), rel=1e-5)
-    choice_rows = tasks.load_jsonl(f"{tiny_data_dir}/choice_test.jsonl", {"context": str, "choices": list})[:12]
-    for key, want in plain_choice_accuracy(model, tok, choice_rows).items():
-        assert metrics[f"choice_{key}"] == pytest.approx(want), key
+    want = [sum(p[j] == r["label"] for r in choice_rows for p in [plain_picks(model, tok, r)]) / 12 for j in range(3)]
+    assert len(set(want)) == 3  # the rows tell the three scores apart, so no key can stand in for another
+    for key, value in zip(("acc", "acc_norm", "acc_token_norm"), want, strict=True):
+        assert metrics[f"choice_{key}"] == pytest.approx(value), key
 
 
 def val_bytes_per_token(data_dir) -> float:
