@@ -113,7 +113,7 @@ MUTANTS = [
     Mutant("eval_acc_norm_per_token", "eval.py", "int(np.argmax(logp / n_bytes))", "int(np.argmax(logp / n_tokens))",
            ("tests/test_eval.py", "-k", "cli_metrics"), "acc_norm divides by tokens, not bytes"),
     Mutant("num_parameters_counts_tied_twice", "model.py", "n = sum(p.numel() for p in self.parameters())",
-           "n = sum(p.numel() for p in self.parameters(remove_duplicate=False))", ("tests/test_recipes.py", "-k", "preset"),
+           "n = sum(p.numel() for _, p in self.named_parameters(remove_duplicate=False))", ("tests/test_recipes.py", "-k", "preset"),
            "a tied embedding is counted twice"),
     Mutant("recipe_preset_typo", "configs/pretrain_0.5B.yaml", "model: 0.5B", "model: 0.5b",
            ("tests/test_recipes.py", "-k", "parses"), "a recipe names a preset that does not exist"),

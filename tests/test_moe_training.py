@@ -167,12 +167,7 @@ def test_moe_pretraining_steps_on_one_rank(tiny_data_dir, tmp_path, router):
 
 
 def _two_rank_worker(info, data_dir, tmp):
-    for router, parallel in (
-        ("softmax", "ddp"),
-        ("sigmoid_bias", "ddp"),
-        ("sigmoid_bias", "torch_ddp"),
-        ("sigmoid_bias", "fsdp"),
-    ):
+    for router, parallel in (("softmax", "ddp"), ("sigmoid_bias", "ddp"), ("sigmoid_bias", "fsdp")):
         model_yaml = write_model_yaml(tmp, router)
         out = os.path.join(tmp, f"{router}_{parallel}")
         assert run_probed(data_dir, out, model_yaml, parallel) == [0, 1, 2], (router, parallel)
