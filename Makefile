@@ -20,7 +20,7 @@ PRETRAIN := out/pretrain/DONE
 SFT      := out/sft/DONE
 DPO      := out/dpo/DONE
 
-.PHONY: setup setup-test demo data pretrain sft dpo eval samples test lint gpu-check demo-vlm clean FORCE
+.PHONY: setup setup-test demo data pretrain sft dpo eval samples test mutate lint gpu-check demo-vlm clean FORCE
 
 setup: $(ENV_DEP) ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
@@ -77,6 +77,9 @@ $(VLM): $(_force)
 
 test: setup-test  ## install and run the whole test suite
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile tests
+
+mutate: setup-test ## realistic bugs, one at a time in a scratch copy: which does the suite catch? (~20 min, not in test)
+	$(PY) tests/mutate.py
 
 lint: setup-test
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .

@@ -167,7 +167,8 @@ class DDP(nn.Module):
 
     bucket_mb: size of one all-reduce message; find_unused_parameters: one extra all-reduce per step so a parameter
     that got no gradient on any rank keeps grad None (as in single-process training) instead of a zero gradient;
-    broadcast_buffers: re-broadcast rank 0's buffers at every forward, as torch DDP does.
+    broadcast_buffers: re-broadcast rank 0's buffers at every forward, as torch DDP does, except the non-persistent
+    ones (`state_buffers`).
     """
 
     def __init__(self, module: nn.Module, bucket_mb: float = 25.0, find_unused_parameters: bool = False,
@@ -294,8 +295,17 @@ class DDP(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self.broadcast_buffers and self.world_size > 1:
-            self._broadcast_from_rank0(list(self.module.buffers()))
+            self._broadcast_from_rank0(state_buffers(self.module))
         return self.module(*args, **kwargs)
+
+
+def state_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The buffers that are model state (persistent: in the state dict), which DDP re-broadcasts at each forward.
+    The others are derived tables every rank computes alike (RoPE), or per-rank statistics that are summed over ranks
+    at the step (the MoE load counts, in update_moe_bias): broadcasting rank 0's copy at each forward would overwrite
+    the other ranks' counts of the earlier micro-batches of a step under gradient accumulation."""
+    return [b for m in module.modules() for n, b in m._buffers.items()
+            if b is not None and n not in m._non_persistent_buffers_set]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Shared pytest setup: the repo root on sys.path, and a small prepared dataset for training tests."""
+"""Shared pytest setup: the repo root on sys.path, a small prepared dataset for training tests, and `spawn` for
+tests that run on several processes."""
 
+import datetime
 import os
 import random
+import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -57,3 +61,61 @@ def tiny_data_dir(tmp_path_factory):
     )
     prepare(cfg)
     return str(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# several processes: ranks that never hang the suite
+# ---------------------------------------------------------------------------------------------------------------------
+SPAWN_TIMEOUT = 240  # seconds for one spawn, all ranks together; a healthy one takes a few seconds
+COLLECTIVE_TIMEOUT = 60  # seconds a gloo collective may wait for a peer before it raises
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(rank, world, port, fn, args):
+    """One rank: join a gloo group whose collectives time out, run fn(info, *args), leave the group.
+
+    No try/finally around fn: leaving the group starts with a barrier, and a rank that failed must not wait there
+    for a peer that is itself waiting in a collective the failed rank will never join (the deadlock this avoids).
+    The failed rank exits at once with its traceback; spawn() then kills the others."""
+    import torch.distributed as dist
+
+    import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(world)
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    info = distributed.init_distributed()  # the group exists: this only reads it back as a DistInfo
+    fn(info, *args)
+    distributed.cleanup()
+
+
+def spawn(fn, *args, world: int = 2, timeout: float = SPAWN_TIMEOUT):
+    """Run fn(info, *args) on `world` CPU ranks (gloo) and return when all have finished.
+
+    Fails fast and never hangs: as soon as one rank exits non-zero the others are killed and that rank's traceback
+    is raised here; after `timeout` seconds every rank is killed and TimeoutError raised. The free port is found
+    before the ranks bind it, so a parallel test can take it in between; only that failure is retried."""
+    import torch.multiprocessing as mp
+
+    for attempt in range(3):
+        ctx = mp.start_processes(_launch, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+                                 start_method="spawn")  # fmt: skip
+        deadline = time.monotonic() + timeout
+        try:
+            # join() returns True once all exited cleanly; it raises (after killing the rest) when one failed.
+            while not ctx.join(timeout=1.0, grace_period=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"{fn.__name__}: ranks still running after {timeout:.0f} s, killed")
+            return
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise

@@ -3,15 +3,15 @@
 References: single-process training on the same global batch, PyTorch's DistributedDataParallel and fully_shard
 (FSDP2), and bytes measured on real tensors for the planner. Each spawn runs several checks, because starting two
 Python processes with torch is the slow part. Assertions run inside the workers; a failure surfaces as an exception
-from mp.spawn with the worker's traceback.
+with the worker's traceback, within seconds: conftest.spawn kills the other rank rather than let it wait in a
+collective, and every spawn and collective has a timeout.
 """
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import spawn
 
 import distributed
 import planner
@@ -19,34 +19,6 @@ from model import ModelConfig, Transformer
 
 WORLD = 2
 B, T, STEPS = 4, 16, 10  # global batch (split over ranks), sequence length, optimizer steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(rank, world, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = str(world)
-    torch.set_num_threads(1)
-    info = distributed.init_distributed()
-    try:
-        fn(info, *args)
-    finally:
-        distributed.cleanup()
-
-
-def spawn(fn, *args):
-    """Run fn(info, *args) on WORLD ranks. The free port is found before the ranks bind it, so another process (a
-    parallel test) can take it in between; only that failure is retried, with a new port."""
-    for attempt in range(3):
-        try:
-            return mp.spawn(_launch, args=(WORLD, _free_port(), fn, args), nprocs=WORLD, join=True)
-        except mp.ProcessRaisedException as e:
-            if "address already in use" not in str(e).lower() or attempt == 2:
-                raise
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -361,6 +333,24 @@ def test_sharded_resume_exact_and_full_checkpoint_loads_at_world_1(tmp_path):
     model.load_state_dict(sd)
     expect = load_file(str(tmp_path / "expect.st"))
     torch.testing.assert_close(model(expect["x"]), expect["logits"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a failing rank fails the test, it does not hang it
+# ---------------------------------------------------------------------------------------------------------------------
+def _one_rank_fails_worker(info):
+    if info.rank == 1:
+        raise AssertionError("rank 1 broke before the all-reduce")
+    torch.distributed.all_reduce(torch.ones(3))  # rank 0 waits here for a peer that will never come
+
+
+def test_a_failing_rank_fails_the_spawn_with_its_own_error():
+    """Rank 0 is stuck in a collective when rank 1 raises. spawn must kill rank 0 and raise rank 1's traceback;
+    had it waited instead, the error would be rank 0's collective timeout (a minute later), or a hang."""
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 broke before the all-reduce"):
+        spawn(_one_rank_fails_worker)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -177,15 +177,84 @@ def test_task_accuracy_counts_greedy_answers(ckpt):
 # ----------------------------------------------------------------------------- command line
 
 
-def test_cli_prints_json_last_line(ckpt, tiny_data_dir, capsys):
-    argv = [f"checkpoint={ckpt}", f"data={tiny_data_dir}", f"tasks={tiny_data_dir}/test.jsonl",
-            f"choices={tiny_data_dir}/choice_test.jsonl", "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
-    out = run_eval(argv, capsys)
-    metrics = json.loads(out.strip().splitlines()[-1])
-    for key in ("val_loss", "val_ppl", "val_bpb", "task_acc", "choice_acc", "choice_acc_norm", "choice_acc_token_norm"):
-        assert isinstance(metrics[key], float), key
+def plain_shard_loss(model, data_dir, T) -> float:
+    """Mean nats per predicted token over the val shards, window by window of T + 1 tokens (stride T)."""
+    tokens = np.concatenate([read_shard(os.path.join(data_dir, f)) for f in sorted(os.listdir(data_dir))
+                             if f.startswith("val_")]).astype(np.int64)  # fmt: skip
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(tokens) - 1, T):
+            w = torch.from_numpy(tokens[s : s + T + 1])[None]
+            nats += float(model(w[:, :-1], targets=w[:, 1:])) * (w.shape[1] - 1)
+            count += w.shape[1] - 1
+    return nats / count
+
+
+def plain_choice_scores(model, tok, row) -> list[tuple[float, float, float]]:
+    """Per choice (sum, per UTF-8 byte, per token) of its log-prob by hand: one unpadded forward, log-softmax, the sum
+    over the tokens after the context's (the boundary taken from tokenizing context + choice together)."""
+    ctx = [tok.bos_id] + tok.encode(row["context"])
+    scored = []
+    for choice in row["choices"]:
+        ids = [tok.bos_id] + tok.encode(row["context"] + choice)
+        assert ids[: len(ctx)] == ctx  # the built-in choices never merge across the boundary
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)  # (T, V)
+        total = sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids)))
+        scored.append((total, total / len(choice.encode("utf-8")), total / (len(ids) - len(ctx))))
+    return scored
+
+
+def plain_picks(model, tok, row) -> list[int]:
+    """The choice each of acc / acc_norm / acc_token_norm picks (ties: the first choice)."""
+    scored = plain_choice_scores(model, tok, row)
+    return [max(range(len(scored)), key=lambda c, j=j: (scored[c][j], -c)) for j in range(3)]
+
+
+def test_cli_metrics_equal_plain_computations(ckpt, tiny_data_dir, tmp_path, capsys):
+    """Every number the CLI prints against a plain computation: the window loop for the loss, one forward per
+    choice for the multiple-choice accuracies, and greedy answers written into the task file (half of them spoiled
+    with a "!") for the task accuracy, which must then be exactly 0.5."""
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
+    rows = tasks.load_jsonl(f"{tiny_data_dir}/test.jsonl", tasks.TEST_KEYS)[:12]
+    for i, row in enumerate(rows):
+        ids, _ = tok.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+        said = tok.decode(
+            generation.generate(model, [ids], 6, temperature=0.0, stop_ids=generation.stop_ids_of(tok))[0]
+        )
+        row["answer"] = said if i % 2 == 0 else said + "!"
+    task_file = tmp_path / "tasks.jsonl"
+    task_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Multiple choice: 12 rows on which the three scores do not all agree with the label alike (a random model's
+    # picks; found by hand-scoring the built-in rows), so that each accuracy is a different number.
+    choice_rows, by_kind = [], {}
+    for r in tasks.load_jsonl(f"{tiny_data_dir}/choice_test.jsonl", {"context": str, "choices": list}):
+        hits = tuple(p == r["label"] for p in plain_picks(model, tok, r))
+        by_kind.setdefault(hits, []).append(r)
+    quota = {(True, False, False): 3, (True, True, False): 2, (False, True, False): 1, (False, False, True): 1}
+    for hits, n in quota.items():  # acc, acc_norm, acc_token_norm: 5, 3 and 1 hits of 12 on the built-in rows
+        choice_rows += by_kind.get(hits, [])[:n]
+    choice_rows += by_kind.get((False, False, False), [])[: 12 - len(choice_rows)]
+    choice_file = tmp_path / "choices.jsonl"
+    choice_file.write_text("".join(json.dumps(r) + "\n" for r in choice_rows))
+    argv = [f"checkpoint={ckpt}", f"data={tiny_data_dir}", f"tasks={task_file}", f"choices={choice_file}",
+            "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
+    metrics = json.loads(run_eval(argv, capsys).strip().splitlines()[-1])
     assert metrics["task_n"] == metrics["choice_n"] == 12 and metrics["checkpoint"] == ckpt
-    assert 0 <= metrics["choice_acc"] <= 1 and metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
+    assert metrics["task_acc"] == 0.5
+    loss = plain_shard_loss(model, tiny_data_dir, 32)
+    assert metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert metrics["val_bpb"] == pytest.approx(loss / math.log(2) / val_bytes_per_token(tiny_data_dir), rel=1e-5)
+    want = [sum(p[j] == r["label"] for r in choice_rows for p in [plain_picks(model, tok, r)]) / 12 for j in range(3)]
+    assert len(set(want)) == 3  # the rows tell the three scores apart, so no key can stand in for another
+    for key, value in zip(("acc", "acc_norm", "acc_token_norm"), want, strict=True):
+        assert metrics[f"choice_{key}"] == pytest.approx(value), key
+
+
+def val_bytes_per_token(data_dir) -> float:
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    return meta["splits"]["val"]["text_bytes"] / meta["splits"]["val"]["tokens"]
 
 
 def test_compare_prints_a_table_then_json(ckpt, tmp_path, capsys):
@@ -202,7 +271,14 @@ def test_compare_prints_a_table_then_json(ckpt, tmp_path, capsys):
     assert ckpt in lines[header] and second in lines[header]
     table = {line.split()[0]: line.split()[1:] for line in lines[header + 1 : -1]}
     assert set(table) == {"val_loss", "val_ppl", "val_bpb"}
-    assert float(table["val_loss"][0]) == pytest.approx(final["compare"][0]["val_loss"], abs=1e-4)
+    # Each column is its own checkpoint's loss on the text, computed by hand (one forward of BOS + text).
+    for column, path in enumerate([ckpt, second]):
+        model, tok = generation.load_for_inference(path, device="cpu")
+        ids = torch.tensor([[tok.bos_id] + tok.encode(text.read_text())])
+        with torch.no_grad():
+            loss = float(model(ids[:, :-1], targets=ids[:, 1:]))
+        assert final["compare"][column]["val_loss"] == pytest.approx(loss, rel=1e-5), path
+        assert float(table["val_loss"][column]) == pytest.approx(loss, abs=1e-4), path
 
 
 def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path, tiny_data_dir, capsys):

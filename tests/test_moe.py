@@ -237,7 +237,11 @@ def test_bf16_close_to_fp32():
     moe_bf16.load_state_dict(moe.state_dict())
     out = moe_bf16(x.bfloat16())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=1e-3)  # bf16 keeps ~3 significant digits
+    # Relative to the output's own scale (~1e-3 here, so an absolute 1e-3 would pass an all-zero output): bf16 keeps
+    # ~3 significant digits, measured 0.6% of the output's norm; 2% allowed. Dropping the routed or the shared
+    # experts' output moves it by 65% or 81%.
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
 
 
 def test_bad_config_raises():

@@ -1,0 +1,177 @@
+"""A tiny MoE through the real pretraining loop (train_pretrain.main), at 1 and 2 ranks, with both routers.
+
+At every optimizer step a probe wrapped around Run.optimizer_step looks at what the loop produced, just before the
+step and just after it, and checks it against a reference built by hand in the same process:
+- the raw gradient (before clipping) equals the gradient of sum over the rank's micro-batches of
+  (LM loss + the model's MoE auxiliary loss) / accum, averaged over ranks, recomputed on a fresh copy of the
+  pre-step weights; and the auxiliary loss visibly changes the router's gradient, so dropping it cannot pass;
+- the expert loads the loop counted equal the fresh copy's counts on the same micro-batches;
+- sigmoid_bias router: after the step the expert bias is identical on every rank and equals
+  bias + rate * sign(mean(c) - c), with c the load counts summed over ranks (DeepSeek-V3's update).
+
+The loop runs unchanged: the probe only reads (the micro-batches are recorded by a TokenStream subclass). One spawn
+runs every 2-rank case. Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_moe_training.py
+"""
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from conftest import spawn
+
+import train_common as tc
+import train_pretrain
+from config import parse_args
+from model import Transformer
+from shards import TokenStream
+
+MOE_MODEL = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, n_experts=6, top_k=2, moe_intermediate_size=32,
+                 aux_loss_coef=0.1, bias_update_rate=0.01)  # fmt: skip
+
+
+def train_args(data_dir, out_dir, model_yaml, parallel):
+    args = dict(
+        data_dir=data_dir, out_dir=out_dir, model=model_yaml, steps=3, batch_size=8, micro_batch_size=2, seq_len=16,
+        lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=0, eval_batches=1, log_every=1, save_every=100,
+        sample_tokens=2, progress=False, seed=0, device="cpu", parallel=parallel, resume="never",
+    )  # fmt: skip
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def write_model_yaml(directory, router: str) -> str:
+    path = os.path.join(directory, f"moe_{router}.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump({**MOE_MODEL, "router": router}, fh)
+    return path
+
+
+class RecordingStream(TokenStream):
+    """TokenStream that remembers the training micro-batches it hands out (the loop sees no difference)."""
+
+    def __init__(self, data_dir, split, *args, **kwargs):
+        super().__init__(data_dir, split, *args, **kwargs)
+        self.split, self.taken = split, []
+
+    def next_batch(self):
+        x, y = super().next_batch()
+        if self.split == "train":
+            self.taken.append((x.clone(), y.clone()))
+        return x, y
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def check_step(run, stream, original_step, step, loss_mean, carried: dict) -> bool:
+    """Run the loop's own optimizer step between the checks described in the module docstring. carried: what
+    load_counts held after the previous step (zeroed by the sigmoid router's update; the softmax router's keep
+    growing, unused)."""
+    raw = run.raw_model
+    moes = [m for _, m in raw._moe_modules()]
+    # This rank's loads of this step, before any all-reduce.
+    counts = [m.load_counts - carried.get(i, 0) for i, m in enumerate(moes)]
+    bias = [m.expert_bias.clone() for m in moes]
+    grads = None if run.sharded else {n: p.grad.clone() for n, p in raw.named_parameters()}
+    weights = run.du.full_state_dict(run.model)  # pre-step; a collective under fsdp
+    batches = stream.taken[-run.accum :]
+
+    # The reference: a fresh copy of the pre-step weights, the same micro-batches, loss + aux built here.
+    with torch.random.fork_rng():  # building a model draws random numbers: keep the loop's RNG untouched
+        ref = Transformer(raw.config)
+    ref.load_state_dict(weights)
+    ref.train()
+    for x, y in batches:
+        ((ref(x, y) + ref.moe_aux_loss()) / len(batches)).backward()
+    for (_, ref_m), c in zip(ref._moe_modules(), counts, strict=True):
+        assert torch.equal(c, ref_m.load_counts), (run.cfg.parallel, raw.config.router, step, c, ref_m.load_counts)
+    if grads is not None:
+        for n, p in ref.named_parameters():
+            want = p.grad.clone()
+            dist.all_reduce(want)
+            want /= world()  # the data-parallel mean of every rank's gradient
+            torch.testing.assert_close(grads[n], want, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"step {step} {n}: {m}")
+        # The check can fail: without the auxiliary loss the router's gradient is far outside that tolerance.
+        gate = ref.get_parameter("model.layers.0.block_sparse_moe.gate.weight")
+        with_aux = gate.grad.clone()
+        ref.zero_grad(set_to_none=True)
+        for x, y in batches:
+            (ref(x, y) / len(batches)).backward()
+        assert (gate.grad - with_aux).abs().max() > 0.1 * with_aux.abs().max(), step
+
+    applied = original_step(run, step, loss_mean)
+    carried.update({i: m.load_counts.clone() for i, m in enumerate(moes)})
+
+    summed = [c.clone() for c in counts]
+    for c in summed:
+        dist.all_reduce(c)  # what every rank should have used
+    for m, b, c in zip(moes, bias, summed, strict=True):
+        if m.router == "sigmoid_bias":
+            want = b + m.bias_update_rate * torch.sign(c.mean() - c)
+            assert torch.equal(m.expert_bias, want), (step, m.expert_bias, want)
+        else:
+            assert torch.equal(m.expert_bias, b)  # the softmax router has no bias to move
+        everyone = [torch.empty_like(m.expert_bias) for _ in range(world())]
+        dist.all_gather(everyone, m.expert_bias)
+        assert all(torch.equal(e, everyone[0]) for e in everyone), everyone  # replicas stay identical
+    return applied
+
+
+@contextmanager
+def probed():
+    """Install the recording stream and the step probe; yields the list of checked steps."""
+    checked, streams, carried = [], [], {}
+    original_step, original_finish = tc.Run.optimizer_step, tc.Run.finish
+
+    class Stream(RecordingStream):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            streams.append(self)
+
+    def optimizer_step(run, step, loss_mean):
+        train = next(s for s in streams if s.split == "train")
+        applied = check_step(run, train, original_step, step, loss_mean, carried)
+        checked.append(step)
+        return applied
+
+    def finish(run, step, title, leave_group=True):
+        return original_finish(run, step, title, leave_group=False)  # the next run in this process reuses the group
+
+    train_pretrain.TokenStream, tc.Run.optimizer_step, tc.Run.finish = Stream, optimizer_step, finish
+    try:
+        yield checked
+    finally:
+        train_pretrain.TokenStream, tc.Run.optimizer_step, tc.Run.finish = TokenStream, original_step, original_finish
+
+
+def run_probed(data_dir, out_dir, model_yaml, parallel) -> list[int]:
+    with probed() as checked:
+        train_pretrain.main(
+            parse_args(train_pretrain.PretrainConfig, train_args(data_dir, out_dir, model_yaml, parallel))
+        )
+    return checked
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid_bias"])
+def test_moe_pretraining_steps_on_one_rank(tiny_data_dir, tmp_path, router):
+    model_yaml = write_model_yaml(str(tmp_path), router)
+    try:
+        assert run_probed(tiny_data_dir, str(tmp_path / "out"), model_yaml, "none") == [0, 1, 2]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _two_rank_worker(info, data_dir, tmp):
+    for router, parallel in (("softmax", "ddp"), ("sigmoid_bias", "ddp"), ("sigmoid_bias", "fsdp")):
+        model_yaml = write_model_yaml(tmp, router)
+        out = os.path.join(tmp, f"{router}_{parallel}")
+        assert run_probed(data_dir, out, model_yaml, parallel) == [0, 1, 2], (router, parallel)
+
+
+def test_moe_pretraining_steps_on_two_ranks(tiny_data_dir, tmp_path):
+    spawn(_two_rank_worker, tiny_data_dir, str(tmp_path))
