@@ -20,8 +20,8 @@ import torch
 import lora
 import tasks
 from config import UserError
-from hf_checkpoint import read_config, resolve_checkpoint
-from model import Transformer
+from hf_checkpoint import resolve_checkpoint
+from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- data
@@ -194,7 +194,7 @@ def plan_base_config(cfg):
     if not os.path.isdir(cfg.base):
         return None
     try:
-        return read_config(cfg.base)
+        return ModelConfig.from_checkpoint(cfg.base)
     except ValueError as e:
         raise UserError(f"base: {e}") from None
 

@@ -42,10 +42,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
-from hf_checkpoint import TOKENIZER_FILES, config_from_hf, config_to_hf  # noqa: F401  (re-exported)
+import moe
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "model")
 ATTN_IMPLS = ("naive", "sdpa", "triton")
@@ -125,8 +126,6 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
         """Read configs/model/NAME.yaml; unknown keys are an error, overrides win over the file."""
-        import yaml
-
         path = os.path.join(PRESET_DIR, f"{name}.yaml")
         if not os.path.isfile(path):
             known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
@@ -139,6 +138,16 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in model preset {path}")
         return cls(**values)
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides) -> ModelConfig:
+        """From a config.json dict (ours or transformers' Llama / Mixtral); see hf_checkpoint.config_fields_from_hf."""
+        return cls(**hf_checkpoint.config_fields_from_hf(d, **overrides))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides) -> ModelConfig:
+        """From a checkpoint dir's config.json (an adapter dir: its base's) without reading weights."""
+        return cls(**hf_checkpoint.read_config_fields(path, **overrides))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,7 +256,7 @@ def attention(q, k, v, mask, is_causal: bool, impl: str, dropout: float = 0.0):
     triton_ok = impl == "triton" and q.shape[2] == k.shape[2] and dropout == 0.0
     triton_ok = triton_ok and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
     if triton_ok and (mask is None and is_causal or mask is not None and mask.dtype != torch.bool):
-        from flash_attention import flash_attention  # lazy: Triton is optional on CPU
+        from flash_attention import flash_attention  # lazy: importing it imports triton (slow, optional on CPU)
 
         return flash_attention(q, k, v, causal=True, document_ids=mask)
     if mask is not None and mask.dtype != torch.bool:
@@ -320,8 +329,6 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
-            import moe  # lazy: dense models work without moe.py
-
             self.block_sparse_moe = moe.MoEFeedForward(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
@@ -574,4 +581,4 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device="cpu", **overrides) -> Transformer:
         """Our checkpoint dir, an HF Llama / Mixtral dir, or a LoRA adapter dir; see hf_checkpoint.load."""
-        return hf_checkpoint.load(cls, path, dtype=dtype, device=device, **overrides)
+        return hf_checkpoint.load(cls, ModelConfig, path, dtype=dtype, device=device, **overrides)

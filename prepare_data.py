@@ -61,17 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from config import UserError, run_cli, to_dict
-
-# Shards and the batch reader live in shards.py; re-exported so `from prepare_data import TokenStream` works.
-from shards import (  # noqa: F401
-    MAGIC,
-    VERSION,
-    ShardWriter,
-    TokenStream,
-    read_shard,
-    token_dtype,
-    write_shard,
-)
+from shards import VERSION, ShardWriter, token_dtype
 
 # ----------------------------------------------------------------------------- config
 

@@ -11,7 +11,7 @@ must exist exactly once lives here (STYLE.md rule 11):
   regularizing it (as in GPT-2 / nanoGPT practice).
 - `lr_at(step)`: linear warmup, then cosine or warmup-stable-decay (WSD, Hu et al. 2024, MiniCPM),
   a pure function of the step so that a resumed run continues the same curve.
-- Checkpoints (ARCHITECTURE.md contract 2) are written by checkpoint.py, re-exported here:
+- Checkpoints (ARCHITECTURE.md contract 2) are written by checkpoint.py, called from `Run`:
   atomic, with a manifest written last, RNG and data position included, verified on resume.
 - `RunLogger`: one JSON object per logged step in `OUT/log.jsonl`, optional wandb, a loss-curve PNG.
 - `StopFlag`: SIGTERM / SIGINT ask the loop to save at the next step boundary and exit 0.
@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import distributed
-from checkpoint import (  # noqa: F401  (re-exported for the loops)
-    MARKER,
+from checkpoint import (
     export_final,
     find_resume_checkpoint,
     list_checkpoints,
@@ -42,17 +42,10 @@ from checkpoint import (  # noqa: F401  (re-exported for the loops)
     load_train_state,
     lock_out_dir,
     optimizer_tensors,
-    read_finetuned,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     unlock_out_dir,
-    verify_checkpoint,
-    write_finetuned,
-    write_manifest,
-    write_merged,
 )
-from config import UserError, to_dict
+from config import UserError, save_config, to_dict
 from launch import batch_split, resolve_dtype, resolve_parallel
 
 # ----------------------------------------------------------------------------- settings
@@ -356,7 +349,7 @@ class Run:
     """
 
     def __init__(self, cfg: TrainConfig, stage: str):
-        self.cfg, self.stage, self.du = cfg, stage, distributed
+        self.cfg, self.stage = cfg, stage
         # Decided before any process group exists, so a mistake stops every rank at start-up with one line.
         world_size = distributed.launch_env()[2]
         self.parallel = resolve_parallel(cfg, world_size)  # auto -> none or ddp
@@ -382,7 +375,7 @@ class Run:
         # first step leaves an existing out_dir exactly as it was (ARCHITECTURE.md contract 1). See resume().
 
     def print(self, *args) -> None:
-        self.du.print0(*args, flush=True)
+        distributed.print0(*args, flush=True)
 
     def prepare(self, raw_model: torch.nn.Module):
         """(wrapped model, AdamW over its trainable parameters). Order: adapters first, then wrap, then optimize."""
@@ -392,7 +385,7 @@ class Run:
             opts["mixed_precision"] = cfg.fsdp_mixed_precision and self.dtype == torch.bfloat16
         if self.parallel == "fsdp":
             opts.update(prefetch=cfg.fsdp_prefetch, zero2=cfg.zero2)
-        self.model = self.du.wrap_model(raw_model, self.parallel, self.dist, **opts)
+        self.model = distributed.wrap_model(raw_model, self.parallel, self.dist, **opts)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
         torch.manual_seed(self.cfg.seed + 1000 * self.rank)
@@ -400,7 +393,7 @@ class Run:
 
     def no_sync(self, micro: int):
         """Gradient accumulation: only the last micro-batch of a step all-reduces gradients."""
-        return self.du.maybe_no_sync(self.model, micro < self.accum - 1)
+        return distributed.maybe_no_sync(self.model, micro < self.accum - 1)
 
     def resume(self, load_weights, data=None) -> int:
         """Restore the newest complete checkpoint (or cfg.resume); returns the step to continue from.
@@ -437,8 +430,6 @@ class Run:
             self.bad_steps_total = state.get("bad_steps_total", 0)
             self.print(f"resumed from {ckpt} at step {self.start_step}")
         if self.master:  # data and model have loaded: from here on the run writes its outputs
-            from config import save_config
-
             os.makedirs(cfg.out_dir, exist_ok=True)
             lock_out_dir(cfg.out_dir)  # a no-op when taken above
             if earlier:
@@ -452,8 +443,6 @@ class Run:
         # On resume drop what was logged after the checkpoint; a fresh start begins a fresh log.
         self.logger.truncate_after(self.start_step if ckpt is not None else -1)
         if self.master and cfg.progress:
-            from tqdm import tqdm
-
             self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=self.stage, dynamic_ncols=True)
         self.t_last, self.step_last = time.perf_counter(), self.start_step
         return self.start_step
@@ -465,7 +454,7 @@ class Run:
         """
         cfg = self.cfg
         self.scaler.unscale_(self.optimizer)
-        grad_norm = self.du.clip_grad_norm_(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = distributed.clip_grad_norm_(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.last_grad_norm = grad_norm
         if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
             # Skip the update: weights and optimizer moments stay as they were before this step.
@@ -530,7 +519,7 @@ class Run:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights gathered from FSDP shards (collective) onto the master, which alone writes
         them ({} on the other ranks); None when not sharded."""
-        return self.du.full_state_dict(self.model, rank0_only=True) if self.sharded else None
+        return distributed.full_state_dict(self.model, rank0_only=True) if self.sharded else None
 
     def finish(self, step: int, title: str, leave_group: bool = True) -> None:
         """Close the progress bar; at the true end export the final model to out_dir and plot the losses.
@@ -551,7 +540,7 @@ class Run:
         if self.master:
             unlock_out_dir(self.cfg.out_dir)
         if leave_group:
-            self.du.cleanup()
+            distributed.cleanup()
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # the master's export is on disk before another Run on any rank reads it
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 import lora
 import train_common as tc
+from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, resolve_base, sharding_errors
 from launch import dry_run
@@ -419,7 +420,7 @@ def main(cfg: DPOConfig) -> None:
 
     def save(step: int) -> None:
         full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
-        write = lambda path: tc.write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
+        write = lambda path: write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
         run.save(step, write, data=sampler)
 
     def evaluate(step: int) -> None:
@@ -433,7 +434,7 @@ def main(cfg: DPOConfig) -> None:
         run.print(f"step {step}: task accuracy {acc['accuracy']:.4f}")
 
     # ---- training loop ----
-    step = run.resume(lambda ckpt: tc.read_finetuned(run, raw_model, ckpt), data=sampler)
+    step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
     if step == 0 and cfg.eval_at_start:
         evaluate(0)  # the starting model's accuracy, for the before/after comparison
     t_last, tokens_last = time.perf_counter(), sampler.tokens
@@ -514,7 +515,7 @@ def main(cfg: DPOConfig) -> None:
 
     # ---- finish ----
     if use_lora and cfg.merge_at_end and step == cfg.steps and run.master:
-        run.print(f"merged model in {tc.write_merged(raw_model, cfg.out_dir, tok_dir)}")
+        run.print(f"merged model in {write_merged(raw_model, cfg.out_dir, tok_dir)}")
     run.finish(step, f"dpo {cfg.loss_type} ({cfg.finetune}) from {os.path.basename(base_dir)}")
 
 

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import train_common as tc
 from config import UserError, run_cli
 from generation import generate
-from hf_checkpoint import LazyStateDict, read_config
+from hf_checkpoint import LazyStateDict
 from launch import dry_run
 from model import ModelConfig, Transformer
 from shards import TokenStream
@@ -111,7 +112,7 @@ def plan_model_config(cfg: PretrainConfig) -> ModelConfig:
     """The model this run would build, for the dry run (built on the meta device there: no weights are read)."""
     if cfg.init_from and os.path.isdir(cfg.init_from):
         try:
-            return read_config(cfg.init_from)
+            return ModelConfig.from_checkpoint(cfg.init_from)
         except ValueError as e:
             raise UserError(f"init_from: {e}") from None
     has_data = os.path.isfile(os.path.join(cfg.data_dir, "tokenizer.model"))
@@ -168,7 +169,7 @@ def main(cfg: PretrainConfig) -> None:
             state = LazyStateDict(ckpt)
         else:
             state = Transformer.from_pretrained(ckpt, device=device).state_dict()
-        run.du.load_full_state_dict(model, state)
+        distributed.load_full_state_dict(model, state)
 
     def write_weights(path: str, full_state=None) -> None:
         extra = {"state_dict": full_state} if full_state is not None else {}

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +62,7 @@ import torch
 import lora
 import tasks
 import train_common as tc
+from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
     ExampleSampler,
@@ -77,7 +77,6 @@ from finetune import (
     val_loss,
 )
 from launch import dry_run
-from model import TOKENIZER_FILES, Transformer
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
 
@@ -216,28 +215,11 @@ def main(cfg: SFTConfig) -> None:
     model, optimizer = run.prepare(raw_model)  # order: adapters first, then wrap, then the optimizer
     step_model = torch.compile(model) if cfg.compile else model
 
-    def copy_tokenizer(path: str) -> None:
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tok_dir, name)):
-                shutil.copy2(os.path.join(tok_dir, name), os.path.join(path, name))
-
-    def write_weights(path: str, full_state=None) -> None:
-        if use_lora:  # only the adapter: the base stays where it is, named in adapter_config.json
-            lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
-            copy_tokenizer(path)
-        else:
-            extra = {"state_dict": full_state} if full_state is not None else {}
-            raw_model.save_pretrained(path, tokenizer_dir=tok_dir, **extra)
-
     def save(step: int) -> None:
         full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
-        run.save(step, lambda path: write_weights(path, full_state), data=sampler)
-
-    def load_weights(ckpt: str) -> None:
-        if use_lora:
-            lora.load_adapter(raw_model, ckpt)  # the layers exist already: this only copies A and B
-        else:
-            run.du.load_full_state_dict(model, Transformer.from_pretrained(ckpt, device=device).state_dict())
+        # LoRA: only the adapter (the base stays where it is, named in adapter_config.json) + the tokenizer.
+        write = lambda path: write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
+        run.save(step, write, data=sampler)
 
     def evaluate(step: int) -> None:
         record = {"step": step}
@@ -253,7 +235,7 @@ def main(cfg: SFTConfig) -> None:
         run.print(f"step {step}: {shown}")
 
     # ---- training loop ----
-    step = run.resume(load_weights, data=sampler)
+    step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
     if extended and run.master:  # written only now: a run that stops at start-up leaves out_dir untouched
         tokenizer.save(tok_dir)
     if step == 0 and cfg.eval_at_start:
@@ -317,9 +299,7 @@ def main(cfg: SFTConfig) -> None:
     if use_lora and cfg.merge_at_end and step == cfg.steps and run.master:
         # A plain checkpoint with W + scaling * B A folded in (QLoRA: into the dequantized base), which
         # sample.py, eval.py and transformers read like any other model.
-        merged = os.path.join(cfg.out_dir, "merged")
-        raw_model.save_pretrained(merged, tokenizer_dir=tok_dir, state_dict=lora.merged_state_dict(raw_model))
-        run.print(f"merged model in {merged}")
+        run.print(f"merged model in {write_merged(raw_model, cfg.out_dir, tok_dir)}")
     run.finish(step, f"sft {cfg.finetune} from {os.path.basename(base_dir)}")
 
 

@@ -36,7 +36,6 @@ import lora
 import train_common as tc
 import vlm_data
 from config import UserError, load_yaml, run_cli
-from hf_checkpoint import read_config
 from launch import dry_run
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
@@ -300,7 +299,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
 def plan_language_model(cfg: VLMTrainConfig) -> ModelConfig | None:
     """The language model's config for the dry run (the planner sizes the LM; the vision tower is small)."""
     if cfg.lm:
-        return read_config(cfg.lm) if os.path.isdir(cfg.lm) else None
+        return ModelConfig.from_checkpoint(cfg.lm) if os.path.isdir(cfg.lm) else None
     has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.model"))
     return language_model_config(cfg, Tokenizer(cfg.tokenizer_dir).vocab_size if has_tokenizer else 0, "sdpa")
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
@@ -54,7 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generation import generate
-from model import ATTN_IMPLS, MLP, TOKENIZER_FILES, RMSNorm, Transformer, attention
+from hf_checkpoint import copy_tokenizer_files
+from model import ATTN_IMPLS, MLP, RMSNorm, Transformer, attention
 
 IMAGE_TAG = "<image>"
 VISION_WEIGHTS, VLM_CONFIG = "vision.safetensors", "vlm_config.json"
@@ -255,9 +255,8 @@ class VLM(nn.Module):
         with open(os.path.join(path, VLM_CONFIG + ".tmp"), "w") as fh:
             json.dump(meta, fh, indent=2)
         os.replace(os.path.join(path, VLM_CONFIG + ".tmp"), os.path.join(path, VLM_CONFIG))
-        for name in TOKENIZER_FILES if tokenizer_dir else ():
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, path)
 
     def load_vision_weights(self, path: str) -> None:
         """Load vision_tower.* and projector.* from path/vision.safetensors (strict: every key, right shapes)."""
