@@ -202,6 +202,12 @@ def update_moe_bias(model: torch.nn.Module) -> None:
             module.update_bias()
 
 
+def all_finite(*values: torch.Tensor) -> bool:
+    """True when every value (the step's loss, the global gradient norm) is finite. A NaN or inf step must not
+    update: one bad batch would otherwise write NaN into every weight and Adam moment."""
+    return all(bool(torch.isfinite(v)) for v in values)
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over ranks (identity in a single process). For logging, not for gradients."""
     if (
@@ -339,7 +345,8 @@ class Run:
         start = run.resume(load_weights, data=stream)         # newest complete checkpoint, if any
         while step < cfg.steps:
             ... forward / backward under run.autocast and run.no_sync(micro) ...
-            applied = run.optimizer_step(step, loss_mean)     # clip, skip non-finite, step
+            ... unscale, clip, optimizer.step(), zero_grad() in the loop's own lines ...
+            run.count_bad_steps(step, applied)                # policy: skipped steps, stop after too many
             ...; run.log({...}); run.save(step + 1, write_weights, data=stream)
         run.finish(step)
 
@@ -447,35 +454,22 @@ class Run:
         self.t_last, self.step_last = time.perf_counter(), self.start_step
         return self.start_step
 
-    def optimizer_step(self, step: int, loss_mean: torch.Tensor) -> bool:
-        """Clip, then step unless the loss or gradient is non-finite (then skip, and stop after too many).
-
-        loss_mean: this step's loss averaged over ranks. Returns True when the update was applied.
-        """
+    def count_bad_steps(self, step: int, applied: bool) -> None:
+        """Policy after the loop's step: a skipped (non-finite) step is logged and counted, and max_bad_steps of
+        them in a row stop the run, naming the last good checkpoint. The counts are saved with checkpoints."""
+        if applied:
+            self.bad_in_a_row = 0
+            return
         cfg = self.cfg
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = distributed.clip_grad_norm_(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.last_grad_norm = grad_norm
-        if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
-            # Skip the update: weights and optimizer moments stay as they were before this step.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            self.bad_in_a_row += 1
-            self.bad_steps_total += 1
-            self.logger.log({"step": step + 1, "skipped": True, "loss": None, "bad_in_a_row": self.bad_in_a_row})
-            self.print(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                good = list_checkpoints(cfg.out_dir)
-                where = f"; the last good checkpoint is {good[-1]}" if good else ""
-                self.stop.restore()
-                raise UserError(f"stopping: {self.bad_in_a_row} non-finite steps in a row at step {step + 1}{where}")
-            return False
-        self.bad_in_a_row = 0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_moe_bias(self.raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
-        return True
+        self.bad_in_a_row += 1
+        self.bad_steps_total += 1
+        self.logger.log({"step": step + 1, "skipped": True, "loss": None, "bad_in_a_row": self.bad_in_a_row})
+        self.print(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
+        if self.bad_in_a_row >= cfg.max_bad_steps:
+            good = list_checkpoints(cfg.out_dir)
+            where = f"; the last good checkpoint is {good[-1]}" if good else ""
+            self.stop.restore()
+            raise UserError(f"stopping: {self.bad_in_a_row} non-finite steps in a row at step {step + 1}{where}")
 
     def throughput(self, step: int, tokens_per_step: int) -> float:
         """Tokens per second since the last call (all ranks together)."""

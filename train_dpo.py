@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+import distributed
 import lora
 import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
@@ -484,7 +486,16 @@ def main(cfg: DPOConfig) -> None:
             ]
             sums += torch.stack([m.mean() for m in metrics])
         means = tc.all_reduce_mean(sums / run.accum)
-        applied = run.optimizer_step(step, means[0])
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, cfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(means[0], grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         if run.progress is not None:
             run.progress.update(1)
@@ -500,7 +511,7 @@ def main(cfg: DPOConfig) -> None:
             names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                      "logps/chosen", "logps/rejected"]  # fmt: skip
             record = {"step": step, **dict(zip(names, means.tolist(), strict=True)), "lr": lr,
-                      "tokens": sampler.tokens, "tok_per_s": tok_per_s, "grad_norm": run.last_grad_norm.item(),
+                      "tokens": sampler.tokens, "tok_per_s": tok_per_s, "grad_norm": grad_norm.item(),
                       "epoch": sampler.epoch}  # fmt: skip
             run.log(record)
             if run.progress is not None:

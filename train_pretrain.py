@@ -202,7 +202,16 @@ def main(cfg: PretrainConfig) -> None:
             loss_sum += loss.detach()
             aux_sum += torch.as_tensor(aux).detach()
         loss_mean = tc.all_reduce_mean(loss_sum / run.accum)
-        applied = run.optimizer_step(step, loss_mean)
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, cfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(loss_mean, grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         if run.progress is not None:
             run.progress.update(1)
@@ -220,7 +229,7 @@ def main(cfg: PretrainConfig) -> None:
                 "tokens": step * tokens_per_step,
                 "tok_per_s": tok_per_s,
                 "mfu": flops_per_token * tok_per_s / (peak * run.world_size),
-                "grad_norm": run.last_grad_norm.item(),
+                "grad_norm": grad_norm.item(),
             }
             if raw_model.config.n_experts:
                 record["aux_loss"] = (aux_sum / run.accum).item()

@@ -53,12 +53,14 @@ sample.py, eval.py and transformers. Tokenizer files are copied into every outpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import lora
 import tasks
 import train_common as tc
@@ -269,7 +271,16 @@ def main(cfg: SFTConfig) -> None:
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per assistant token over the global batch
-        applied = run.optimizer_step(step, loss_mean)
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, cfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(loss_mean, grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         if run.progress is not None:
             run.progress.update(1)
@@ -283,7 +294,7 @@ def main(cfg: SFTConfig) -> None:
             tok_per_s = (sampler.tokens - tokens_last) / max(now - t_last, 1e-9)  # padded tokens, all ranks
             t_last, tokens_last = now, sampler.tokens
             record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": sampler.tokens,
-                      "tok_per_s": tok_per_s, "grad_norm": run.last_grad_norm.item(), "epoch": sampler.epoch}  # fmt: skip
+                      "tok_per_s": tok_per_s, "grad_norm": grad_norm.item(), "epoch": sampler.epoch}  # fmt: skip
             run.log(record)
             if run.progress is not None:
                 run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:.0f}")

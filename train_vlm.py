@@ -27,11 +27,13 @@ a folder written by `python vlm_data.py`, a LLaVA-style json next to its images,
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import lora
 import train_common as tc
 import vlm_data
@@ -264,7 +266,16 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per answer token over the global batch
-        applied = run.optimizer_step(step, loss_mean)
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, scfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(loss_mean, grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         seen_tokens += tokens
         if run.progress is not None:
@@ -278,7 +289,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
             img_per_s = run.throughput(step, cfg.batch_size)
             record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": seen_tokens,
                       "img_per_s": img_per_s, "tok_per_s": img_per_s * tokens / cfg.batch_size,
-                      "grad_norm": run.last_grad_norm.item(), "stage": stage}  # fmt: skip
+                      "grad_norm": grad_norm.item(), "stage": stage}  # fmt: skip
             run.log(record)
             if run.progress is not None:
                 run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
