@@ -46,7 +46,7 @@ from checkpoint import (
     unlock_out_dir,
 )
 from config import UserError, save_config, to_dict
-from launch import batch_split, resolve_dtype, resolve_parallel
+from launch import batch_split, is_sharded, resolve_dtype, resolve_parallel
 
 # ----------------------------------------------------------------------------- settings
 
@@ -374,7 +374,7 @@ class Run:
         # fp16 needs loss scaling (its exponent range is too small for small gradients); bf16 does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # FSDP: every rank holds (and so saves) its own slice of the optimizer state.
-        self.sharded = self.parallel in ("fsdp", "torch_fsdp2")
+        self.sharded = is_sharded(self.parallel)
         self.bad_in_a_row = self.bad_steps_total = 0
         self.start_step, self.last_checkpoint, self.progress, self.logger = 0, None, None, None
         self.stop = StopFlag()

@@ -61,7 +61,7 @@ import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, resolve_base, sharding_errors
-from launch import dry_run
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 
@@ -341,7 +341,7 @@ class DPOConfig(tc.TrainConfig):
             self.check_path(errors, "eval_tasks", self.eval_tasks, "file")
         if self.data.endswith(".jsonl"):
             self.check_path(errors, "data", self.data, "file")
-        errors += sharding_errors(self)
+        errors += sharding_errors(self) + attn_impl_errors(self)
         if self.beta <= 0:
             errors.append("beta must be > 0")
         if self.loss_type not in LOSS_TYPES:
@@ -402,7 +402,9 @@ def main(cfg: DPOConfig) -> None:
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init: identical on every rank
-    raw_model = load_base(cfg, device)  # SFT's loader: from_pretrained, then (Q)LoRA when asked
+    raw_model = load_base(
+        cfg, device, resolve_attn_impl(cfg, device)
+    )  # SFT's loader: from_pretrained, then (Q)LoRA when asked
     if tokenizer.vocab_size > raw_model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {raw_model.config.vocab_size}")
     run.print(lora.trainable_report(raw_model) if use_lora else f"full: {raw_model.num_parameters():,} trainable")

@@ -36,7 +36,7 @@ import train_common as tc
 from config import UserError, run_cli
 from generation import generate
 from hf_checkpoint import LazyStateDict
-from launch import dry_run
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from model import ModelConfig, Transformer
 from shards import TokenStream
 from tokenizer import Tokenizer
@@ -63,20 +63,18 @@ class PretrainConfig(tc.TrainConfig):
         self.check_path(errors, "data_dir", self.data_dir, "prepared data", " (run: python prepare_data.py)", meta)
         if not 0.0 <= self.dropout < 1.0:
             errors.append("dropout must be in [0, 1)")
-        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
-            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        errors += attn_impl_errors(self)
         if self.init_from:
             self.check_path(errors, "init_from", self.init_from, "checkpoint directory")
         return errors
 
 
-def runtime_settings(cfg: PretrainConfig, device: torch.device) -> dict:
-    """The ModelConfig fields this run chooses rather than the checkpoint: kernel, dropout, recompute."""
-    attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
-    return dict(attn_impl=attn, dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
+def runtime_settings(cfg: PretrainConfig, attn_impl: str) -> dict:
+    """The ModelConfig fields this run chooses rather than the checkpoint: kernel (resolved), dropout, recompute."""
+    return dict(attn_impl=attn_impl, dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> ModelConfig:
+def build_model_config(cfg: PretrainConfig, vocab_size: int, attn_impl: str) -> ModelConfig:
     try:
         if cfg.model.endswith((".yaml", ".yml")):  # a model YAML of the user's own, same keys as the presets
             from config import load_yaml
@@ -88,7 +86,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.devic
         raise UserError(f"model: {e}") from None
     if vocab_size and (vocab_size > mcfg.vocab_size or cfg.model == "tiny"):  # 0: no tokenizer (a dry run)
         mcfg.vocab_size = vocab_size  # size the embedding to the tokenizer we trained
-    for key, value in runtime_settings(cfg, device).items():
+    for key, value in runtime_settings(cfg, attn_impl).items():
         setattr(mcfg, key, value)
     return mcfg
 
@@ -116,7 +114,8 @@ def plan_model_config(cfg: PretrainConfig) -> ModelConfig:
         except ValueError as e:
             raise UserError(f"init_from: {e}") from None
     has_data = os.path.isfile(os.path.join(cfg.data_dir, "tokenizer.model"))
-    return build_model_config(cfg, Tokenizer(cfg.data_dir).vocab_size if has_data else 0, torch.device("cpu"))
+    vocab_size = Tokenizer(cfg.data_dir).vocab_size if has_data else 0
+    return build_model_config(cfg, vocab_size, resolve_attn_impl(cfg, torch.device("cpu")))
 
 
 def main(cfg: PretrainConfig) -> None:
@@ -126,6 +125,7 @@ def main(cfg: PretrainConfig) -> None:
     # ---- setup ----
     run = tc.Run(cfg, "pretrain")
     device = run.device
+    attn_impl = resolve_attn_impl(cfg, device)  # auto -> triton on CUDA, sdpa elsewhere
 
     # ---- data ----
     with open(os.path.join(cfg.data_dir, "meta.json")) as fh:
@@ -148,7 +148,7 @@ def main(cfg: PretrainConfig) -> None:
     if cfg.init_from:
         try:
             # config.json stores the architecture only: this run's kernel, dropout and recompute come from cfg.
-            raw_model = Transformer.from_pretrained(cfg.init_from, device=device, **runtime_settings(cfg, device))
+            raw_model = Transformer.from_pretrained(cfg.init_from, device=device, **runtime_settings(cfg, attn_impl))
         except ValueError as e:  # not a checkpoint, or truncated / corrupted weights
             raise UserError(f"init_from: {e}") from None
         if raw_model.config.vocab_size < tokenizer.vocab_size:
@@ -157,7 +157,7 @@ def main(cfg: PretrainConfig) -> None:
             )
     else:
         with torch.device("meta"):  # shapes only; run.prepare initializes it (under fsdp one block at a time)
-            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, device))
+            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, attn_impl))
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
     peak = cfg.peak_flops or tc.guess_peak_flops(device, run.dtype)
     run.print(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token")

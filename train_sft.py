@@ -78,7 +78,7 @@ from finetune import (
     sharding_errors,
     val_loss,
 )
-from launch import dry_run
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
 
@@ -147,8 +147,7 @@ class SFTConfig(tc.TrainConfig):
             errors.append(f"base_dtype must be auto, float32, bfloat16 or float16, not '{self.base_dtype}'")
         if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
             errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
-        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
-            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        errors += attn_impl_errors(self)
         if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
             errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
         return errors
@@ -206,7 +205,9 @@ def main(cfg: SFTConfig) -> None:
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init and dropout: identical on every rank
-    raw_model = load_base(cfg, device, grow_vocab_to=tokenizer.vocab_size if extended else 0)
+    raw_model = load_base(
+        cfg, device, resolve_attn_impl(cfg, device), grow_vocab_to=tokenizer.vocab_size if extended else 0
+    )
     if extended and raw_model.config.pad_token_id is None:
         raw_model.config.pad_token_id = tokenizer.pad_id  # config.json then names the new <pad>
     if tokenizer.vocab_size > raw_model.config.vocab_size:

@@ -38,7 +38,7 @@ import lora
 import train_common as tc
 import vlm_data
 from config import UserError, load_yaml, run_cli
-from launch import dry_run
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
@@ -87,8 +87,7 @@ class VLMTrainConfig(tc.TrainConfig):
             errors.append(f"stage must be 1, 2 or both, not '{self.stage}'")
         if self.train_lm not in ("full", "lora", "frozen"):
             errors.append(f"train_lm must be full, lora or frozen, not '{self.train_lm}'")
-        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
-            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        errors += attn_impl_errors(self)
         if self.parallel not in ("auto", "none", "ddp", "torch_ddp"):
             errors.append("parallel must be auto, none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
         if self.compile:
@@ -194,7 +193,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
     scfg = stage_config(cfg, stage)
     run = tc.Run(scfg, f"vlm-stage{stage}")
     device = run.device
-    attn_impl = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+    attn_impl = resolve_attn_impl(cfg, device)  # auto -> triton on CUDA, sdpa elsewhere
 
     # ---- data ----
     tok_dir = cfg.lm or cfg.tokenizer_dir
