@@ -8,7 +8,7 @@ What is here, top to bottom:
   Attention    - grouped-query attention (Ainslie et al. 2023) with three interchangeable kernels:
                  "naive" (the readable reference), "sdpa" (PyTorch's fused kernel), "triton" (flash_attention.py)
   KVCache      - preallocated keys/values for incremental decoding of a batch of (left-padded) prompts
-  MLP          - SwiGLU feed-forward (Shazeer 2020)
+  (SwiGLU)     - the dense feed-forward is moe.SwiGLU (Shazeer 2020), one definition for it and the shared experts
   Transformer  - embeddings -> N x Block -> norm -> lm_head; MoE layers swap `mlp` for moe.MoEFeedForward
 
 Key choices
@@ -307,19 +307,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
-
-
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is `mlp` or `block_sparse_moe`."""
 
@@ -331,7 +318,7 @@ class Block(nn.Module):
         if config.is_moe_layer(layer_idx):
             self.block_sparse_moe = moe.MoEFeedForward(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+            self.mlp = moe.SwiGLU(config.hidden_size, config.intermediate_size)  # the dense feed-forward
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, start_pos=0):

@@ -7,14 +7,16 @@
 Each optimizer step sees `batch_size` sequences of `seq_len` tokens whatever the launch: on
 `world_size` ranks each rank runs `accum` micro-batches of `micro` sequences (batch = micro x accum
 x world), micro being the largest size up to `micro_batch_size` that divides batch_size / world_size
-(train_common.batch_split). The loss of each micro-batch is divided by `accum` so the summed
+(launch.batch_split). The loss of each micro-batch is divided by `accum` so the summed
 gradients are the mean over the whole batch, exactly as one big batch would give.
 `dry_run=true` prints that plan (and the memory estimate) without training.
 
-What happens where:
-- train_common.py: settings, AdamW groups, LR schedule, checkpoints, log.jsonl, signals;
+What happens where (one step: this file, then train_common, distributed, shards, model, moe):
+- this file: the loop, forward, loss / accum, backward, unscale, clip, optimizer.step(), zero_grad();
+- train_common.py: settings, AdamW groups, LR schedule, the non-finite check, `Run` (checkpoints, log.jsonl,
+  signals, the bad-step policy);
 - distributed.py: ranks, DDP / FSDP wrappers, the global gradient norm;
-- prepare_data.TokenStream: the batches, positioned exactly on resume;
+- shards.TokenStream: the batches, positioned exactly on resume;
 - model.py / moe.py: the network (MoE auxiliary losses are added here and logged apart).
 
 Faults: Ctrl-C / SIGTERM save at the next step boundary and exit 0; a non-finite loss or
@@ -33,7 +35,7 @@ import torch
 
 import distributed
 import train_common as tc
-from config import UserError, run_cli
+from config import UserError, load_yaml, run_cli
 from generation import generate
 from hf_checkpoint import LazyStateDict
 from launch import attn_impl_errors, dry_run, resolve_attn_impl
@@ -77,8 +79,6 @@ def runtime_settings(cfg: PretrainConfig, attn_impl: str) -> dict:
 def build_model_config(cfg: PretrainConfig, vocab_size: int, attn_impl: str) -> ModelConfig:
     try:
         if cfg.model.endswith((".yaml", ".yml")):  # a model YAML of the user's own, same keys as the presets
-            from config import load_yaml
-
             mcfg = ModelConfig(**load_yaml(cfg.model))
         else:
             mcfg = ModelConfig.from_preset(cfg.model)
