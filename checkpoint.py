@@ -26,17 +26,17 @@ import os
 import random
 import shutil
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import distributed
+import lora
 from config import UserError
-
-if TYPE_CHECKING:
-    from train_common import Run
+from hf_checkpoint import copy_tokenizer_files
+from model import Transformer
 
 # ----------------------------------------------------------------------------- RNG state
 
@@ -89,7 +89,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         _, idx, name = key.split(".", 2)
         p = params[int(idx)]
         if hasattr(p, "device_mesh") and value.shape == p.to_local().shape:  # FSDP2: re-wrap the local shard
-            from torch.distributed.tensor import DTensor
+            from torch.distributed.tensor import DTensor  # only FSDP2 runs reach here
 
             value = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements)
         state.setdefault(int(idx), {})[name] = value
@@ -297,36 +297,26 @@ def write_finetuned(raw_model: torch.nn.Module, path: str, tokenizer_dir: str, b
     """The model files of a fine-tuning checkpoint. A LoRA model writes only its adapter (PEFT layout, with
     base_model_name_or_path = base_dir) plus the tokenizer files; a full model writes config.json +
     model.safetensors (state_dict: the full weights gathered from FSDP shards, else the model's own)."""
-    import lora
-    from model import TOKENIZER_FILES
-
     if lora.lora_layers(raw_model):
         lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+        copy_tokenizer_files(tokenizer_dir, path)
     else:
         raw_model.save_pretrained(path, tokenizer_dir=tokenizer_dir, state_dict=state_dict)
 
 
-def read_finetuned(run: Run, raw_model: torch.nn.Module, ckpt_dir: str) -> None:
+def read_finetuned(raw_model: torch.nn.Module, model: torch.nn.Module, ckpt_dir: str, device) -> None:
     """Load what write_finetuned wrote back into the running model (resume): the adapter weights into the
-    existing LoRA layers, or the full weights into the (possibly wrapped) model."""
-    import lora
-    from model import Transformer
-
+    existing LoRA layers of raw_model, or the full weights into `model` (raw_model as wrapped by DDP / FSDP)."""
     if lora.lora_layers(raw_model):
         lora.load_adapter(raw_model, ckpt_dir)  # the layers exist already: this only copies A and B
     else:
-        sd = Transformer.from_pretrained(ckpt_dir, device=run.device).state_dict()
-        run.du.load_full_state_dict(run.model, sd)
+        sd = Transformer.from_pretrained(ckpt_dir, device=device).state_dict()
+        distributed.load_full_state_dict(model, sd)
 
 
 def write_merged(raw_model: torch.nn.Module, out_dir: str, tokenizer_dir: str) -> str:
     """OUT/merged: a plain checkpoint with every LoRA update folded into its base weight (QLoRA: into the
     dequantized base), which sample.py, eval.py, transformers and the next stage read like any model."""
-    import lora
-
     merged = os.path.join(out_dir, "merged")
     raw_model.save_pretrained(merged, tokenizer_dir=tokenizer_dir, state_dict=lora.merged_state_dict(raw_model))
     return merged

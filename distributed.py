@@ -7,7 +7,7 @@ What lives here (and only here, so training scripts never look at ranks themselv
   picks the device (`pick_device`, the only place that decides it) and joins the process group: NCCL on GPUs, gloo
   on CPU. Run without torchrun it builds a one-process group in memory, so the
   single-process path is the same code with world_size 1 (every collective is then a no-op copy).
-- `print0`, `is_master`, `cleanup`, `seed_everything(seed, rank)` and `split_batch` / `shard_indices` for data.
+- `print0`, `is_master`, `cleanup`, and `split_batch` / `shard_indices` for data.
 - `DDP`: data parallelism written out. Rank 0's parameters and buffers are broadcast when wrapping, so every rank
   starts identical whatever it was seeded with. During backward, `Tensor.register_post_accumulate_grad_hook` tells us
   the moment each parameter's gradient is final; the gradient is copied into a flat bucket, and a full bucket is
@@ -22,8 +22,7 @@ What lives here (and only here, so training scripts never look at ranks themselv
   FSDP (ZeRO-3, optionally ZeRO-2) lives in fsdp.py; torch_ddp / torch_fsdp2 are PyTorch's own
   DistributedDataParallel and `fully_shard` (FSDP2), the production path and our reference in tests.
 - Checkpoints: `full_state_dict` (gathered, HF keys, loadable by `Transformer.load_state_dict` at any world size) and
-  `save_sharded` / `load_sharded` (each rank writes its own model shard and optimizer state as safetensors + JSON;
-  resumes exactly at the same world size).
+  `load_full_state_dict` (each rank keeps its slice); the files themselves are written by checkpoint.py.
 - `python distributed.py plan configs/model/llama2-7b.yaml world_size=8`: the memory planner (planner.py).
 
 How to run on several processes: `torchrun --standalone --nproc_per_node=2 train_pretrain.py CONFIG.yaml`
@@ -32,9 +31,7 @@ How to run on several processes: `torchrun --standalone --nproc_per_node=2 train
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -119,16 +116,6 @@ def cleanup():
     if dist.is_initialized():
         dist.barrier()  # nobody tears down while a peer still has a collective in flight
         dist.destroy_process_group()
-
-
-def seed_everything(seed: int, rank: int = 0):
-    """Seed python, numpy and torch with seed + rank: dropout and data order differ across ranks on purpose, while
-    the model weights still agree because wrapping broadcasts (DDP) or shards (FSDP) rank 0's copy."""
-    import numpy as np
-
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> range:
@@ -455,73 +442,6 @@ def load_full_state_dict(model: nn.Module, state_dict):
 
 def _is_fully_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
-
-
-def _rank_paths(directory: str, rank: int) -> tuple[str, str]:
-    return os.path.join(directory, f"rank{rank:05d}.safetensors"), os.path.join(directory, f"rank{rank:05d}.json")
-
-
-def save_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict | None = None):
-    """Every rank writes what it holds (model shard + optimizer state) to rankNNNNN.safetensors / .json. Each file is
-    written under a temporary name and renamed, so a crash never leaves a half-written file under the final name."""
-    from safetensors.torch import save_file
-
-    if _is_fully_sharded(model):
-        raise ValueError("save_sharded does not handle torch_fsdp2 (DTensor) state; use torch.distributed.checkpoint")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    os.makedirs(directory, exist_ok=True)
-    tensors, aliases, first_key = {}, {}, {}
-    for k, v in model.state_dict().items():
-        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if ident in first_key:  # tied weights: safetensors stores a tensor once, JSON remembers the other name
-            aliases[f"model.{k}"] = first_key[ident]
-        else:
-            first_key[ident] = f"model.{k}"
-            tensors[f"model.{k}"] = v.detach().contiguous().cpu()
-    opt = optimizer.state_dict()
-    scalars = {}
-    for pid, state in opt["state"].items():
-        for name, v in state.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{name}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{name}"] = v
-    info = {"rank": rank, "world_size": world, "param_groups": opt["param_groups"], "scalars": scalars,
-            "aliases": aliases, "meta": meta}  # fmt: skip
-    st_path, json_path = _rank_paths(directory, rank)
-    save_file(tensors, st_path + ".tmp", metadata={"format": "pt"})
-    os.replace(st_path + ".tmp", st_path)
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
-    dist.barrier()  # the checkpoint is complete only when every rank has written
-
-
-def load_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore what save_sharded wrote, at the same world size; returns the `meta` dict given to save_sharded."""
-    from safetensors.torch import load_file
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    st_path, json_path = _rank_paths(directory, rank)
-    if not os.path.isfile(json_path):
-        raise ValueError(f"no sharded checkpoint for rank {rank} in {directory}")
-    with open(json_path) as f:
-        info = json.load(f)
-    if info["world_size"] != world:
-        raise ValueError(f"checkpoint {directory} was saved at world_size={info['world_size']}, now {world}")
-    tensors = load_file(st_path, device=str(next(model.parameters()).device))
-    tensors.update({alias: tensors[key] for alias, key in info["aliases"].items()})
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            pid, name = key[len("optim.") :].split(".", 1)
-            state.setdefault(int(pid), {})[name] = v
-    for key, v in info["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    return info["meta"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

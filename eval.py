@@ -49,8 +49,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import vlm
 from config import UserError, run_cli
+from finetune import collate
 from generation import load_for_inference
+from shards import read_shard
 from tasks import load_jsonl, task_accuracy
 
 # ----------------------------------------------------------------------------- loss over token sequences
@@ -65,17 +68,6 @@ def _windows(seqs, seq_len: int):
             yield chunk[:-1], chunk[1:]
 
 
-def _pad_batch(pairs, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (input, target) pairs into x (B, T) with id 0 and y (B, T) with -1 (ignored by the loss).
-    Right padding needs no mask: causal attention never lets a real token see the pads after it."""
-    T = max(len(x) for x, _ in pairs)
-    x = torch.zeros(len(pairs), T, dtype=torch.long)
-    y = torch.full((len(pairs), T), -1, dtype=torch.long)
-    for r, (xi, yi) in enumerate(pairs):
-        x[r, : len(xi)], y[r, : len(yi)] = torch.from_numpy(np.asarray(xi)), torch.from_numpy(np.asarray(yi))
-    return x.to(device), y.to(device)
-
-
 @torch.no_grad()
 def sequence_nll(model, seqs, seq_len: int, batch_size: int = 8, max_tokens: int = 0) -> tuple[float, int]:
     """(total nats, number of predicted tokens) of the model on token sequences; max_tokens > 0 stops once
@@ -86,7 +78,8 @@ def sequence_nll(model, seqs, seq_len: int, batch_size: int = 8, max_tokens: int
 
     def flush():
         nonlocal nats, count
-        x, y = _pad_batch(batch, device)
+        # Right padding (id 0, no loss) needs no mask: causal attention never lets a real token see the pads after it.
+        x, y = (t.to(device) for t in collate(batch, 0))  # (B, T) each
         if int(x.max()) >= V or int(y.max()) >= V:
             raise UserError(f"data holds token id {max(int(x.max()), int(y.max()))} >= model vocab_size {V}")
         nats += float(model(x, targets=y, loss_reduction="sum"))  # fp32 cross-entropy inside the model
@@ -112,8 +105,6 @@ def _lm_metrics(nats: float, tokens: int, n_bytes: float, source: str) -> dict:
 
 def shard_loss(model, tokenizer, data_dir: str, seq_len: int, batch_size: int = 8, max_tokens: int = 0) -> dict:
     """Loss / perplexity / bits-per-byte on the val_*.bin shards of a prepare_data.py directory."""
-    from shards import read_shard
-
     with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
     sha = meta.get("tokenizer_sha256")
@@ -189,7 +180,7 @@ def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) ->
             owner.append((r, c, len(cont)))
     scores = [[None] * len(row["choices"]) for row in rows]
     for i in range(0, len(pairs), batch_size):
-        x, y = _pad_batch(pairs[i : i + batch_size], device)
+        x, y = (t.to(device) for t in collate(pairs[i : i + batch_size], 0))  # right-padded (B, T) each
         nll = model(x, targets=y, loss_reduction="none")  # (B, T) nats, 0 where ignored
         for (r, c, n), row_nll in zip(owner[i : i + batch_size], nll.sum(-1).tolist(), strict=True):
             scores[r][c] = (-row_nll, n)
@@ -264,8 +255,6 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     metrics: dict = {"checkpoint": checkpoint}
     if cfg.vqa:
-        import vlm
-
         if vlm.is_vlm_checkpoint(checkpoint):  # caption / VQA exact match on held-out images
             metrics |= vlm.evaluate_checkpoint(checkpoint, cfg.vqa, n=cfg.limit or 200)
     model, tokenizer = load_for_inference(checkpoint, cfg.device, cfg.dtype, cfg.quantize)

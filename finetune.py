@@ -20,8 +20,9 @@ import torch
 import lora
 import tasks
 from config import UserError
-from hf_checkpoint import read_config, resolve_checkpoint
-from model import Transformer
+from hf_checkpoint import resolve_checkpoint
+from launch import is_sharded
+from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- data
@@ -184,7 +185,7 @@ def sharding_errors(cfg) -> list[str]:
     """(Q)LoRA refuses parallel=fsdp / torch_fsdp2 at start-up. fsdp.py flattens every weight of a unit into one
     trainable shard, so the frozen base would be trained; and the adapter files are written from the unsharded
     model. The adapters are small and the base is frozen, so ddp (a replicated base) is the right tool anyway."""
-    if cfg.finetune != "full" and cfg.parallel in ("fsdp", "torch_fsdp2"):
+    if cfg.finetune != "full" and is_sharded(cfg.parallel):
         return [f"parallel={cfg.parallel} with finetune={cfg.finetune} is not supported; use parallel=ddp (or auto)"]
     return []
 
@@ -194,7 +195,7 @@ def plan_base_config(cfg):
     if not os.path.isdir(cfg.base):
         return None
     try:
-        return read_config(cfg.base)
+        return ModelConfig.from_checkpoint(cfg.base)
     except ValueError as e:
         raise UserError(f"base: {e}") from None
 
@@ -208,20 +209,20 @@ def resolve_base(base: str) -> str:
         raise UserError(f"base: {e}") from None
 
 
-def load_base(cfg, device: torch.device, grow_vocab_to: int = 0) -> Transformer:
+def load_base(cfg, device: torch.device, attn_impl: str, grow_vocab_to: int = 0) -> Transformer:
     """The base model, with LoRA / QLoRA applied when asked (every non-adapter weight frozen). cfg: an SFT, DPO
-    or GRPO config (base, finetune, attn_impl, base_dtype, dropout, gradient_checkpointing, the lora_* keys, seq_len).
+    or GRPO config (base, finetune, base_dtype, dropout, gradient_checkpointing, the lora_* keys, seq_len); attn_impl
+    as launch.resolve_attn_impl resolved it.
 
     grow_vocab_to: the size of a tokenizer extended with new tokens (0 = none). The embedding and lm_head
     grow to it (lora.grow_vocab), and LoRA runs then train those two modules in full: the new rows would
     stay at their initial value under frozen LoRA."""
-    attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
     dtype = cfg.base_dtype
     if dtype == "auto":
         dtype = "bfloat16" if cfg.finetune != "full" and device.type == "cuda" else "float32"
     try:
         model = Transformer.from_pretrained(
-            resolve_base(cfg.base), dtype=dtype, device=device, attn_impl=attn, dropout=cfg.dropout,
+            resolve_base(cfg.base), dtype=dtype, device=device, attn_impl=attn_impl, dropout=cfg.dropout,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )  # fmt: skip
         added = lora.grow_vocab(model, grow_vocab_to) if grow_vocab_to else 0

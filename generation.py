@@ -27,7 +27,6 @@ Shape legend: B batch (prompts), T time, V vocabulary.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -257,14 +256,10 @@ def _tokenizer_dir(checkpoint: str) -> str:
     """Where the tokenizer lives: the checkpoint itself, or for a LoRA adapter dir its base model."""
     if os.path.isfile(os.path.join(checkpoint, "tokenizer.model")):
         return checkpoint
-    cfg_path = os.path.join(checkpoint, "adapter_config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as fh:
-            base = json.load(fh).get("base_model_name_or_path") or ""
-        for cand in (base, os.path.join(checkpoint, base)):  # the same lookup as Transformer.from_pretrained
-            if base and os.path.isdir(cand):
-                return cand
-    return checkpoint
+    try:
+        return hf_checkpoint.adapter_base(checkpoint) or checkpoint  # the same lookup as Transformer.from_pretrained
+    except ValueError:  # an adapter whose base is missing: loading the weights reports it
+        return checkpoint
 
 
 def load_tokenizer(checkpoint: str):

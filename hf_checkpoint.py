@@ -3,7 +3,7 @@
 Because model.py's module tree mirrors transformers' LlamaForCausalLM, the tensor names need no
 mapping: saving is `state_dict()` minus a tied lm_head, written as safetensors with
 `{"format": "pt"}` metadata; the only conversions are
-  * config: ModelConfig <-> LlamaConfig / MixtralConfig keys (`config_to_hf`, `config_from_hf`), writing
+  * config: ModelConfig <-> LlamaConfig / MixtralConfig keys (`config_to_hf`, `config_fields_from_hf`), writing
     both transformers 4.x (`rope_scaling`) and 5.x (`rope_parameters`) spellings;
   * MoE experts: our stacked (E, F, C) tensors <-> Mixtral's per-expert keys (moe.experts_to_hf / _from_hf).
     MoE variants Mixtral's code would compute differently (shared experts, some dense layers, the sigmoid
@@ -25,6 +25,11 @@ import shutil
 from collections.abc import Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import lora
+import moe
 
 
 def save(model, path: str, tokenizer_dir: str | None = None, dtype=None, state_dict=None) -> None:
@@ -32,15 +37,11 @@ def save(model, path: str, tokenizer_dir: str | None = None, dtype=None, state_d
     names, format=pt metadata, a tied lm_head left out as HF does); copy tokenizer files from tokenizer_dir.
     dtype casts floating tensors on the way out (e.g. torch.bfloat16); None keeps the model's dtype.
     state_dict replaces model.state_dict() (e.g. full weights gathered from FSDP shards)."""
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     sd = dict(model.state_dict() if state_dict is None else state_dict)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens on load
     if model.config.n_experts > 0:
-        import moe
-
         sd = moe.experts_to_hf(sd)  # stacked (E, F, C) experts -> Mixtral's experts.{j}.w1.weight
     tensors, seen = {}, set()
     for k, v in sd.items():
@@ -55,30 +56,43 @@ def save(model, path: str, tokenizer_dir: str | None = None, dtype=None, state_d
     hf = config_to_hf(model.config, w_dtype)
     _atomic_write(os.path.join(path, "config.json"), lambda f: _write_json(hf, f))
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+        copy_tokenizer_files(tokenizer_dir, path)
 
 
-def load(cls, path: str, dtype=None, device="cpu", **overrides):
+def copy_tokenizer_files(src: str, dst: str) -> None:
+    """Copy the tokenizer files that src has (TOKENIZER_FILES) into dst: every checkpoint carries its tokenizer."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def adapter_base(path: str) -> str | None:
+    """The base checkpoint dir a LoRA adapter dir names (base_model_name_or_path, absolute or relative to the
+    adapter dir); None when path is not an adapter dir. ValueError when the named base is not a local dir."""
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return None
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    candidates = [base, os.path.join(path, base)] if base else []
+    base_dir = next((c for c in candidates if os.path.isdir(c)), None)
+    if base_dir is None:
+        raise ValueError(f"adapter in {path!r} names base model {base!r}, which is not a local directory")
+    return base_dir
+
+
+def load(cls, config_cls, path: str, dtype=None, device="cpu", **overrides):
     """Load our checkpoint dir, an HF Llama / Mixtral dir (single or sharded safetensors), or a LoRA adapter
-    dir (adapter_config.json: its base_model_name_or_path is loaded, then lora.load_adapter).
+    dir (adapter_config.json: its base_model_name_or_path is loaded, then lora.load_adapter) as a `cls` built
+    from a `config_cls` (model.py passes Transformer and ModelConfig: this file sits below model.py).
 
     dtype: None = float32, "auto" = as stored, or a torch dtype / its name. overrides: ModelConfig fields that
     are not architecture (attn_impl, dropout, gradient_checkpointing, ...). Never unpickles anything.
     """
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint directory {path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            base = json.load(f).get("base_model_name_or_path")
-        candidates = [base, os.path.join(path, base)] if base else []
-        base_dir = next((c for c in candidates if os.path.isdir(c)), None)
-        if base_dir is None:
-            raise ValueError(f"adapter in {path!r} names base model {base!r}, which is not a local directory")
-        import lora
-
-        model = load(cls, base_dir, dtype=dtype, device=device, **overrides)
+    base_dir = adapter_base(path)
+    if base_dir is not None:
+        model = load(cls, config_cls, base_dir, dtype=dtype, device=device, **overrides)
         lora.load_adapter(model, path)
         return model
     config_path = os.path.join(path, "config.json")
@@ -86,7 +100,7 @@ def load(cls, path: str, dtype=None, device="cpu", **overrides):
         raise ValueError(f"{path!r} has no config.json (not a checkpoint directory)")
     with open(config_path) as f:
         hf = json.load(f)
-    config = config_from_hf(hf, **overrides)
+    config = config_cls(**config_fields_from_hf(hf, **overrides))
     if dtype == "auto":
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else (dtype or torch.float32)
@@ -95,8 +109,6 @@ def load(cls, path: str, dtype=None, device="cpu", **overrides):
     sd = _read_safetensors(path, dtype, device)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF checkpoints store it
     if config.n_experts > 0:
-        import moe
-
         sd = moe.experts_from_hf(sd)
     with torch.device("meta"):
         model = cls(config)
@@ -220,23 +232,20 @@ def config_to_hf(c, dtype=torch.float32) -> dict:
     return d
 
 
-def read_config(path: str, **overrides):
-    """The ModelConfig of a checkpoint dir (of an adapter dir: its base's) from config.json alone, no weights read:
-    what a dry run needs to size a model it will not load."""
-    adapter = os.path.join(path, "adapter_config.json")
-    if os.path.isfile(adapter):
-        with open(adapter) as f:
-            base = json.load(f).get("base_model_name_or_path") or ""
-        return read_config(base if os.path.isdir(base) else os.path.join(path, base), **overrides)
+def read_config_fields(path: str, **overrides) -> dict:
+    """The ModelConfig fields of a checkpoint dir (of an adapter dir: its base's) from config.json alone, no weights
+    read: what a dry run needs to size a model it will not load (model.ModelConfig.from_checkpoint)."""
+    path = adapter_base(path) or path
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} has no config.json (not a checkpoint directory)")
     with open(config_path) as f:
-        return config_from_hf(json.load(f), **overrides)
+        return config_fields_from_hf(json.load(f), **overrides)
 
 
-def config_from_hf(d: dict, **overrides):
-    """config.json dict (ours or transformers') -> ModelConfig; unsupported architectures raise ValueError."""
+def config_fields_from_hf(d: dict, **overrides) -> dict:
+    """config.json dict (ours or transformers') -> ModelConfig fields (model.ModelConfig.from_hf builds the config);
+    unsupported architectures raise ValueError."""
     model_type = d.get("model_type")
     if model_type not in ("llama", "mixtral", OWN_MOE_TYPE):
         raise ValueError(
@@ -270,9 +279,7 @@ def config_from_hf(d: dict, **overrides):
         )
         kw.update({k: d[k] for k in MOE_EXTRA_KEYS if k in d})
     kw.update(overrides)
-    from model import ModelConfig  # here, not at the top: model.py imports this file
-
-    return ModelConfig(**kw)
+    return kw
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -290,8 +297,6 @@ def _safetensors_files(path: str) -> list[str]:
 
 def _read_safetensors(path: str, dtype, device) -> dict:
     """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json, cast one by one."""
-    from safetensors import SafetensorError, safe_open
-
     files = _safetensors_files(path)
     sd = {}
     for file in files:
@@ -315,10 +320,6 @@ class LazyStateDict(Mapping):
     are stacked into our (E, F, C) layout on access. A tied head has no entry: it is the embedding."""
 
     def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
-
-        import moe  # the per-expert key pattern lives with the layout it converts
-
         self._file, self._parts = {}, {}  # file key -> file; our key -> file keys (several: stacked experts)
         for file in _safetensors_files(path):
             try:
@@ -340,8 +341,6 @@ class LazyStateDict(Mapping):
             self._parts[key] = [by_index[j] for j in range(len(by_index))]
 
     def _read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(self._file[key], framework="pt", device="cpu") as f:
             return f.get_tensor(key)
 

@@ -11,6 +11,9 @@ A run is started as `python train_X.py CONFIG [key=value ...]` (one process) or 
   config gives the same optimizer steps on 1 or 8 processes: only the summation order of the gradients differs.
 - `resolve_device` / `resolve_dtype`: the device comes from distributed.pick_device, the one owner of that decision
   (init_distributed uses it too, so the process group and the batches agree), and the autocast dtype follows it.
+- `resolve_attn_impl`: attn_impl=auto means the Triton kernel on CUDA, PyTorch's sdpa elsewhere.
+- `is_sharded`: whether a parallel mode splits weights and optimizer state over ranks (fsdp, torch_fsdp2), which
+  decides how checkpoints are saved and read, and whether one rank can generate text on its own.
 - `dry_run`: `dry_run=true` on any training script prints all of the above, the model's size and planner.py's
   memory estimate for this launch, and exits without a process group, a download or a write. WORLD_SIZE=N in
   the environment shows what N processes would run. tests/test_dry_run.py puts every documented command through it.
@@ -23,6 +26,30 @@ import torch
 import distributed
 import planner
 from config import UserError
+from model import ATTN_IMPLS
+
+SHARDED_MODES = ("fsdp", "torch_fsdp2")  # weights, gradients and optimizer state split over ranks (ZeRO-3)
+
+
+def is_sharded(parallel: str) -> bool:
+    """True for the parallel modes whose ranks each hold a slice of the weights: such a run saves one optimizer
+    file per rank, gathers the weights to write them, and cannot sample text on one rank."""
+    return parallel in SHARDED_MODES
+
+
+def attn_impl_errors(cfg) -> list[str]:
+    """cfg.attn_impl is auto or one of model.ATTN_IMPLS."""
+    if cfg.attn_impl not in ("auto", *ATTN_IMPLS):
+        return [f"attn_impl must be auto or one of {', '.join(ATTN_IMPLS)}, not '{cfg.attn_impl}'"]
+    return []
+
+
+def resolve_attn_impl(cfg, device: torch.device) -> str:
+    """attn_impl=auto -> triton on CUDA (flash_attention.py, fused and O(T) memory), sdpa elsewhere (the Triton
+    kernel only runs on CPU in the slow interpreter). Decided here once; the model configs receive the result."""
+    if cfg.attn_impl != "auto":
+        return cfg.attn_impl
+    return "triton" if device.type == "cuda" else "sdpa"
 
 
 def resolve_parallel(cfg, world_size: int) -> str:
@@ -101,7 +128,7 @@ def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_examp
     ]
     if model_cfg is not None:
         # The planner's modes: our ddp, torch_ddp and none keep whole replicas; fsdp shards (zero2 keeps gathers).
-        mode = {"fsdp": "zero2" if cfg.zero2 else "fsdp", "torch_fsdp2": "fsdp"}.get(parallel, "ddp")
+        mode = ("zero2" if parallel == "fsdp" and cfg.zero2 else "fsdp") if is_sharded(parallel) else "ddp"
         mode += "+ckpt" if getattr(cfg, "gradient_checkpointing", False) else ""
         mixed = dtype != torch.float32 and (mode.startswith("ddp") or cfg.fsdp_mixed_precision)
         p = planner.plan(model_cfg, world, seq_len=cfg.seq_len, micro_batch=micro * per_example, mixed_precision=mixed)

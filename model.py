@@ -8,7 +8,7 @@ What is here, top to bottom:
   Attention    - grouped-query attention (Ainslie et al. 2023) with three interchangeable kernels:
                  "naive" (the readable reference), "sdpa" (PyTorch's fused kernel), "triton" (flash_attention.py)
   KVCache      - preallocated keys/values for incremental decoding of a batch of (left-padded) prompts
-  MLP          - SwiGLU feed-forward (Shazeer 2020)
+  (SwiGLU)     - the dense feed-forward is moe.SwiGLU (Shazeer 2020), one definition for it and the shared experts
   Transformer  - embeddings -> N x Block -> norm -> lm_head; MoE layers swap `mlp` for moe.MoEFeedForward
 
 Key choices
@@ -42,10 +42,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
-from hf_checkpoint import TOKENIZER_FILES, config_from_hf, config_to_hf  # noqa: F401  (re-exported)
+import moe
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "model")
 ATTN_IMPLS = ("naive", "sdpa", "triton")
@@ -125,8 +126,6 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
         """Read configs/model/NAME.yaml; unknown keys are an error, overrides win over the file."""
-        import yaml
-
         path = os.path.join(PRESET_DIR, f"{name}.yaml")
         if not os.path.isfile(path):
             known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
@@ -139,6 +138,16 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in model preset {path}")
         return cls(**values)
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides) -> ModelConfig:
+        """From a config.json dict (ours or transformers' Llama / Mixtral); see hf_checkpoint.config_fields_from_hf."""
+        return cls(**hf_checkpoint.config_fields_from_hf(d, **overrides))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides) -> ModelConfig:
+        """From a checkpoint dir's config.json (an adapter dir: its base's) without reading weights."""
+        return cls(**hf_checkpoint.read_config_fields(path, **overrides))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,7 +256,7 @@ def attention(q, k, v, mask, is_causal: bool, impl: str, dropout: float = 0.0):
     triton_ok = impl == "triton" and q.shape[2] == k.shape[2] and dropout == 0.0
     triton_ok = triton_ok and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
     if triton_ok and (mask is None and is_causal or mask is not None and mask.dtype != torch.bool):
-        from flash_attention import flash_attention  # lazy: Triton is optional on CPU
+        from flash_attention import flash_attention  # lazy: importing it imports triton (slow, optional on CPU)
 
         return flash_attention(q, k, v, causal=True, document_ids=mask)
     if mask is not None and mask.dtype != torch.bool:
@@ -298,19 +307,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
-
-
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is `mlp` or `block_sparse_moe`."""
 
@@ -320,11 +316,9 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
-            import moe  # lazy: dense models work without moe.py
-
             self.block_sparse_moe = moe.MoEFeedForward(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+            self.mlp = moe.SwiGLU(config.hidden_size, config.intermediate_size)  # the dense feed-forward
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, start_pos=0):
@@ -574,4 +568,4 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device="cpu", **overrides) -> Transformer:
         """Our checkpoint dir, an HF Llama / Mixtral dir, or a LoRA adapter dir; see hf_checkpoint.load."""
-        return hf_checkpoint.load(cls, path, dtype=dtype, device=device, **overrides)
+        return hf_checkpoint.load(cls, ModelConfig, path, dtype=dtype, device=device, **overrides)

@@ -60,16 +60,21 @@ ROUTERS = ("softmax", "sigmoid_bias")
 
 
 class SwiGLU(nn.Module):
-    """The dense Llama MLP, used for the shared experts: down(silu(gate(x)) * up(x))."""
+    """The dense Llama MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer").
 
-    def __init__(self, hidden_size, intermediate_size):
+    The one definition: model.Block uses it as `mlp` in dense layers, MoEFeedForward for its shared experts, and
+    the routed experts below compute the same function with stacked (E, F, C) weights. The parameter names are
+    Llama's (gate_proj, up_proj, down_proj), so the checkpoint layout is HF's.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., F) -> (..., C)
 
 
 class MoEFeedForward(nn.Module):

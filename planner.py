@@ -40,12 +40,12 @@ import sys
 import torch
 import yaml
 
+from model import ModelConfig, Transformer
+
 MODES = ("ddp", "zero2", "fsdp")
 
 
 def _load_config(path_or_cfg):
-    from model import ModelConfig
-
     if isinstance(path_or_cfg, ModelConfig):
         return path_or_cfg
     with open(path_or_cfg) as f:
@@ -93,8 +93,6 @@ def plan(cfg, world_size: int, seq_len: int | None = None, micro_batch: int = 1,
     Returns {"params", "active_params", "flops_per_token", "tokens_per_s", "memory": {mode: {params, grads,
     optimizer, gathered, activations, total}}} with modes ddp, zero2, fsdp and the same with "+ckpt".
     """
-    from model import Transformer
-
     cfg = _load_config(cfg)
     with torch.device("meta"):
         model = Transformer(cfg)

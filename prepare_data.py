@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -60,18 +59,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import tasks
 from config import UserError, run_cli, to_dict
-
-# Shards and the batch reader live in shards.py; re-exported so `from prepare_data import TokenStream` works.
-from shards import (  # noqa: F401
-    MAGIC,
-    VERSION,
-    ShardWriter,
-    TokenStream,
-    read_shard,
-    token_dtype,
-    write_shard,
-)
+from shards import VERSION, ShardWriter, token_dtype
+from tokenizer import Tokenizer, train_tokenizer
 
 # ----------------------------------------------------------------------------- config
 
@@ -304,8 +295,6 @@ _worker_tok = None  # each worker process loads its own tokenizer once (Sentence
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tok
-    from tokenizer import Tokenizer
-
     _worker_tok = Tokenizer(tokenizer_path)
 
 
@@ -392,8 +381,6 @@ def prepare(cfg: DataConfig) -> dict:
 
 
 def _build(cfg: DataConfig, out: str) -> dict:
-    from tokenizer import Tokenizer, train_tokenizer
-
     t0 = time.time()
     # ---- read, normalize, filter, dedup ----
     docs, counts = clean(iter_source(cfg), cfg)
@@ -444,10 +431,8 @@ def _build(cfg: DataConfig, out: str) -> dict:
     # Compression counts text tokens only: the BOS/EOS framing adds 2 per document.
     bytes_per_token = train["text_bytes"] / max(train["tokens"] - 2 * train["docs"], 1)
 
-    # ---- built-in tasks (tasks.py, owned elsewhere) when present ----
-    if cfg.tasks and importlib.util.find_spec("tasks") is not None:
-        import tasks
-
+    # ---- built-in tasks (tasks.py) ----
+    if cfg.tasks:
         tasks.write_tasks(out)
         print("wrote the built-in SFT/DPO/test tasks")
 

@@ -545,17 +545,25 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, 
     was_training = model.training
     model.eval()
     stop = stop_ids_of(tokenizer)
-    correct, by_family = [], defaultdict(list)
+    answers = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [tokenizer.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
                    for r in chunk]  # fmt: skip
         outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop)
-        for row, out in zip(chunk, outs, strict=True):
-            ok = exact_match(tokenizer.decode(out), row["answer"])
-            correct.append(ok)
-            by_family[row.get("family", "all")].append(ok)
+        answers += [tokenizer.decode(out) for out in outs]
     model.train(was_training)
+    return accuracy_by_family(rows, answers)
+
+
+def accuracy_by_family(rows: list[dict], answers: list[str]) -> dict:
+    """Exact match of each generated answer against its row's "answer", overall and per row "family" (task_accuracy,
+    vlm.vqa_accuracy): {"accuracy": float, "by_family": {family: float}, "n": int}."""
+    correct, by_family = [], defaultdict(list)
+    for row, answer in zip(rows, answers, strict=True):
+        ok = exact_match(answer, row["answer"])
+        correct.append(ok)
+        by_family[row.get("family", "all")].append(ok)
     acc = sum(correct) / max(1, len(correct))
     return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
 

@@ -11,7 +11,7 @@ must exist exactly once lives here (STYLE.md rule 11):
   regularizing it (as in GPT-2 / nanoGPT practice).
 - `lr_at(step)`: linear warmup, then cosine or warmup-stable-decay (WSD, Hu et al. 2024, MiniCPM),
   a pure function of the step so that a resumed run continues the same curve.
-- Checkpoints (ARCHITECTURE.md contract 2) are written by checkpoint.py, re-exported here:
+- Checkpoints (ARCHITECTURE.md contract 2) are written by checkpoint.py, called from `Run`:
   atomic, with a manifest written last, RNG and data position included, verified on resume.
 - `RunLogger`: one JSON object per logged step in `OUT/log.jsonl`, optional wandb, a loss-curve PNG.
 - `StopFlag`: SIGTERM / SIGINT ask the loop to save at the next step boundary and exit 0.
@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import distributed
-from checkpoint import (  # noqa: F401  (re-exported for the loops)
-    MARKER,
+from checkpoint import (
     export_final,
     find_resume_checkpoint,
     list_checkpoints,
@@ -42,18 +42,11 @@ from checkpoint import (  # noqa: F401  (re-exported for the loops)
     load_train_state,
     lock_out_dir,
     optimizer_tensors,
-    read_finetuned,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     unlock_out_dir,
-    verify_checkpoint,
-    write_finetuned,
-    write_manifest,
-    write_merged,
 )
-from config import UserError, to_dict
-from launch import batch_split, resolve_dtype, resolve_parallel
+from config import UserError, save_config, to_dict
+from launch import batch_split, is_sharded, resolve_dtype, resolve_parallel
 
 # ----------------------------------------------------------------------------- settings
 
@@ -209,6 +202,12 @@ def update_moe_bias(model: torch.nn.Module) -> None:
             module.update_bias()
 
 
+def all_finite(*values: torch.Tensor) -> bool:
+    """True when every value (the step's loss, the global gradient norm) is finite. A NaN or inf step must not
+    update: one bad batch would otherwise write NaN into every weight and Adam moment."""
+    return all(bool(torch.isfinite(v)) for v in values)
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over ranks (identity in a single process). For logging, not for gradients."""
     if (
@@ -346,7 +345,8 @@ class Run:
         start = run.resume(load_weights, data=stream)         # newest complete checkpoint, if any
         while step < cfg.steps:
             ... forward / backward under run.autocast and run.no_sync(micro) ...
-            applied = run.optimizer_step(step, loss_mean)     # clip, skip non-finite, step
+            ... unscale, clip, optimizer.step(), zero_grad() in the loop's own lines ...
+            run.count_bad_steps(step, applied)                # policy: skipped steps, stop after too many
             ...; run.log({...}); run.save(step + 1, write_weights, data=stream)
         run.finish(step)
 
@@ -356,7 +356,7 @@ class Run:
     """
 
     def __init__(self, cfg: TrainConfig, stage: str):
-        self.cfg, self.stage, self.du = cfg, stage, distributed
+        self.cfg, self.stage = cfg, stage
         # Decided before any process group exists, so a mistake stops every rank at start-up with one line.
         world_size = distributed.launch_env()[2]
         self.parallel = resolve_parallel(cfg, world_size)  # auto -> none or ddp
@@ -374,7 +374,7 @@ class Run:
         # fp16 needs loss scaling (its exponent range is too small for small gradients); bf16 does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # FSDP: every rank holds (and so saves) its own slice of the optimizer state.
-        self.sharded = self.parallel in ("fsdp", "torch_fsdp2")
+        self.sharded = is_sharded(self.parallel)
         self.bad_in_a_row = self.bad_steps_total = 0
         self.start_step, self.last_checkpoint, self.progress, self.logger = 0, None, None, None
         self.stop = StopFlag()
@@ -382,7 +382,7 @@ class Run:
         # first step leaves an existing out_dir exactly as it was (ARCHITECTURE.md contract 1). See resume().
 
     def print(self, *args) -> None:
-        self.du.print0(*args, flush=True)
+        distributed.print0(*args, flush=True)
 
     def prepare(self, raw_model: torch.nn.Module):
         """(wrapped model, AdamW over its trainable parameters). Order: adapters first, then wrap, then optimize."""
@@ -392,7 +392,7 @@ class Run:
             opts["mixed_precision"] = cfg.fsdp_mixed_precision and self.dtype == torch.bfloat16
         if self.parallel == "fsdp":
             opts.update(prefetch=cfg.fsdp_prefetch, zero2=cfg.zero2)
-        self.model = self.du.wrap_model(raw_model, self.parallel, self.dist, **opts)
+        self.model = distributed.wrap_model(raw_model, self.parallel, self.dist, **opts)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
         torch.manual_seed(self.cfg.seed + 1000 * self.rank)
@@ -400,7 +400,7 @@ class Run:
 
     def no_sync(self, micro: int):
         """Gradient accumulation: only the last micro-batch of a step all-reduces gradients."""
-        return self.du.maybe_no_sync(self.model, micro < self.accum - 1)
+        return distributed.maybe_no_sync(self.model, micro < self.accum - 1)
 
     def resume(self, load_weights, data=None) -> int:
         """Restore the newest complete checkpoint (or cfg.resume); returns the step to continue from.
@@ -437,8 +437,6 @@ class Run:
             self.bad_steps_total = state.get("bad_steps_total", 0)
             self.print(f"resumed from {ckpt} at step {self.start_step}")
         if self.master:  # data and model have loaded: from here on the run writes its outputs
-            from config import save_config
-
             os.makedirs(cfg.out_dir, exist_ok=True)
             lock_out_dir(cfg.out_dir)  # a no-op when taken above
             if earlier:
@@ -452,41 +450,26 @@ class Run:
         # On resume drop what was logged after the checkpoint; a fresh start begins a fresh log.
         self.logger.truncate_after(self.start_step if ckpt is not None else -1)
         if self.master and cfg.progress:
-            from tqdm import tqdm
-
             self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=self.stage, dynamic_ncols=True)
         self.t_last, self.step_last = time.perf_counter(), self.start_step
         return self.start_step
 
-    def optimizer_step(self, step: int, loss_mean: torch.Tensor) -> bool:
-        """Clip, then step unless the loss or gradient is non-finite (then skip, and stop after too many).
-
-        loss_mean: this step's loss averaged over ranks. Returns True when the update was applied.
-        """
+    def count_bad_steps(self, step: int, applied: bool) -> None:
+        """Policy after the loop's step: a skipped (non-finite) step is logged and counted, and max_bad_steps of
+        them in a row stop the run, naming the last good checkpoint. The counts are saved with checkpoints."""
+        if applied:
+            self.bad_in_a_row = 0
+            return
         cfg = self.cfg
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = self.du.clip_grad_norm_(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.last_grad_norm = grad_norm
-        if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
-            # Skip the update: weights and optimizer moments stay as they were before this step.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            self.bad_in_a_row += 1
-            self.bad_steps_total += 1
-            self.logger.log({"step": step + 1, "skipped": True, "loss": None, "bad_in_a_row": self.bad_in_a_row})
-            self.print(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                good = list_checkpoints(cfg.out_dir)
-                where = f"; the last good checkpoint is {good[-1]}" if good else ""
-                self.stop.restore()
-                raise UserError(f"stopping: {self.bad_in_a_row} non-finite steps in a row at step {step + 1}{where}")
-            return False
-        self.bad_in_a_row = 0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_moe_bias(self.raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
-        return True
+        self.bad_in_a_row += 1
+        self.bad_steps_total += 1
+        self.logger.log({"step": step + 1, "skipped": True, "loss": None, "bad_in_a_row": self.bad_in_a_row})
+        self.print(f"step {step + 1}: non-finite loss or gradient, update skipped ({self.bad_in_a_row} in a row)")
+        if self.bad_in_a_row >= cfg.max_bad_steps:
+            good = list_checkpoints(cfg.out_dir)
+            where = f"; the last good checkpoint is {good[-1]}" if good else ""
+            self.stop.restore()
+            raise UserError(f"stopping: {self.bad_in_a_row} non-finite steps in a row at step {step + 1}{where}")
 
     def throughput(self, step: int, tokens_per_step: int) -> float:
         """Tokens per second since the last call (all ranks together)."""
@@ -530,7 +513,7 @@ class Run:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights gathered from FSDP shards (collective) onto the master, which alone writes
         them ({} on the other ranks); None when not sharded."""
-        return self.du.full_state_dict(self.model, rank0_only=True) if self.sharded else None
+        return distributed.full_state_dict(self.model, rank0_only=True) if self.sharded else None
 
     def finish(self, step: int, title: str, leave_group: bool = True) -> None:
         """Close the progress bar; at the true end export the final model to out_dir and plot the losses.
@@ -551,7 +534,7 @@ class Run:
         if self.master:
             unlock_out_dir(self.cfg.out_dir)
         if leave_group:
-            self.du.cleanup()
+            distributed.cleanup()
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # the master's export is on disk before another Run on any rank reads it
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,11 +55,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+import distributed
 import lora
 import train_common as tc
+from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, resolve_base, sharding_errors
-from launch import dry_run
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 
@@ -338,7 +341,7 @@ class DPOConfig(tc.TrainConfig):
             self.check_path(errors, "eval_tasks", self.eval_tasks, "file")
         if self.data.endswith(".jsonl"):
             self.check_path(errors, "data", self.data, "file")
-        errors += sharding_errors(self)
+        errors += sharding_errors(self) + attn_impl_errors(self)
         if self.beta <= 0:
             errors.append("beta must be > 0")
         if self.loss_type not in LOSS_TYPES:
@@ -399,7 +402,9 @@ def main(cfg: DPOConfig) -> None:
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init: identical on every rank
-    raw_model = load_base(cfg, device)  # SFT's loader: from_pretrained, then (Q)LoRA when asked
+    raw_model = load_base(
+        cfg, device, resolve_attn_impl(cfg, device)
+    )  # SFT's loader: from_pretrained, then (Q)LoRA when asked
     if tokenizer.vocab_size > raw_model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {raw_model.config.vocab_size}")
     run.print(lora.trainable_report(raw_model) if use_lora else f"full: {raw_model.num_parameters():,} trainable")
@@ -419,7 +424,7 @@ def main(cfg: DPOConfig) -> None:
 
     def save(step: int) -> None:
         full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
-        write = lambda path: tc.write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
+        write = lambda path: write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
         run.save(step, write, data=sampler)
 
     def evaluate(step: int) -> None:
@@ -433,7 +438,7 @@ def main(cfg: DPOConfig) -> None:
         run.print(f"step {step}: task accuracy {acc['accuracy']:.4f}")
 
     # ---- training loop ----
-    step = run.resume(lambda ckpt: tc.read_finetuned(run, raw_model, ckpt), data=sampler)
+    step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
     if step == 0 and cfg.eval_at_start:
         evaluate(0)  # the starting model's accuracy, for the before/after comparison
     t_last, tokens_last = time.perf_counter(), sampler.tokens
@@ -483,7 +488,16 @@ def main(cfg: DPOConfig) -> None:
             ]
             sums += torch.stack([m.mean() for m in metrics])
         means = tc.all_reduce_mean(sums / run.accum)
-        applied = run.optimizer_step(step, means[0])
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, cfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(means[0], grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         if run.progress is not None:
             run.progress.update(1)
@@ -499,7 +513,7 @@ def main(cfg: DPOConfig) -> None:
             names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                      "logps/chosen", "logps/rejected"]  # fmt: skip
             record = {"step": step, **dict(zip(names, means.tolist(), strict=True)), "lr": lr,
-                      "tokens": sampler.tokens, "tok_per_s": tok_per_s, "grad_norm": run.last_grad_norm.item(),
+                      "tokens": sampler.tokens, "tok_per_s": tok_per_s, "grad_norm": grad_norm.item(),
                       "epoch": sampler.epoch}  # fmt: skip
             run.log(record)
             if run.progress is not None:
@@ -514,7 +528,7 @@ def main(cfg: DPOConfig) -> None:
 
     # ---- finish ----
     if use_lora and cfg.merge_at_end and step == cfg.steps and run.master:
-        run.print(f"merged model in {tc.write_merged(raw_model, cfg.out_dir, tok_dir)}")
+        run.print(f"merged model in {write_merged(raw_model, cfg.out_dir, tok_dir)}")
     run.finish(step, f"dpo {cfg.loss_type} ({cfg.finetune}) from {os.path.basename(base_dir)}")
 
 

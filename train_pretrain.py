@@ -7,14 +7,16 @@
 Each optimizer step sees `batch_size` sequences of `seq_len` tokens whatever the launch: on
 `world_size` ranks each rank runs `accum` micro-batches of `micro` sequences (batch = micro x accum
 x world), micro being the largest size up to `micro_batch_size` that divides batch_size / world_size
-(train_common.batch_split). The loss of each micro-batch is divided by `accum` so the summed
+(launch.batch_split). The loss of each micro-batch is divided by `accum` so the summed
 gradients are the mean over the whole batch, exactly as one big batch would give.
 `dry_run=true` prints that plan (and the memory estimate) without training.
 
-What happens where:
-- train_common.py: settings, AdamW groups, LR schedule, checkpoints, log.jsonl, signals;
+What happens where (one step: this file, then train_common, distributed, shards, model, moe):
+- this file: the loop, forward, loss / accum, backward, unscale, clip, optimizer.step(), zero_grad();
+- train_common.py: settings, AdamW groups, LR schedule, the non-finite check, `Run` (checkpoints, log.jsonl,
+  signals, the bad-step policy);
 - distributed.py: ranks, DDP / FSDP wrappers, the global gradient norm;
-- prepare_data.TokenStream: the batches, positioned exactly on resume;
+- shards.TokenStream: the batches, positioned exactly on resume;
 - model.py / moe.py: the network (MoE auxiliary losses are added here and logged apart).
 
 Faults: Ctrl-C / SIGTERM save at the next step boundary and exit 0; a non-finite loss or
@@ -31,11 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import train_common as tc
-from config import UserError, run_cli
+from config import UserError, load_yaml, run_cli
 from generation import generate
-from hf_checkpoint import LazyStateDict, read_config
-from launch import dry_run
+from hf_checkpoint import LazyStateDict
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from model import ModelConfig, Transformer
 from shards import TokenStream
 from tokenizer import Tokenizer
@@ -62,24 +65,20 @@ class PretrainConfig(tc.TrainConfig):
         self.check_path(errors, "data_dir", self.data_dir, "prepared data", " (run: python prepare_data.py)", meta)
         if not 0.0 <= self.dropout < 1.0:
             errors.append("dropout must be in [0, 1)")
-        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
-            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        errors += attn_impl_errors(self)
         if self.init_from:
             self.check_path(errors, "init_from", self.init_from, "checkpoint directory")
         return errors
 
 
-def runtime_settings(cfg: PretrainConfig, device: torch.device) -> dict:
-    """The ModelConfig fields this run chooses rather than the checkpoint: kernel, dropout, recompute."""
-    attn = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
-    return dict(attn_impl=attn, dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
+def runtime_settings(cfg: PretrainConfig, attn_impl: str) -> dict:
+    """The ModelConfig fields this run chooses rather than the checkpoint: kernel (resolved), dropout, recompute."""
+    return dict(attn_impl=attn_impl, dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> ModelConfig:
+def build_model_config(cfg: PretrainConfig, vocab_size: int, attn_impl: str) -> ModelConfig:
     try:
         if cfg.model.endswith((".yaml", ".yml")):  # a model YAML of the user's own, same keys as the presets
-            from config import load_yaml
-
             mcfg = ModelConfig(**load_yaml(cfg.model))
         else:
             mcfg = ModelConfig.from_preset(cfg.model)
@@ -87,7 +86,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, device: torch.devic
         raise UserError(f"model: {e}") from None
     if vocab_size and (vocab_size > mcfg.vocab_size or cfg.model == "tiny"):  # 0: no tokenizer (a dry run)
         mcfg.vocab_size = vocab_size  # size the embedding to the tokenizer we trained
-    for key, value in runtime_settings(cfg, device).items():
+    for key, value in runtime_settings(cfg, attn_impl).items():
         setattr(mcfg, key, value)
     return mcfg
 
@@ -111,11 +110,12 @@ def plan_model_config(cfg: PretrainConfig) -> ModelConfig:
     """The model this run would build, for the dry run (built on the meta device there: no weights are read)."""
     if cfg.init_from and os.path.isdir(cfg.init_from):
         try:
-            return read_config(cfg.init_from)
+            return ModelConfig.from_checkpoint(cfg.init_from)
         except ValueError as e:
             raise UserError(f"init_from: {e}") from None
     has_data = os.path.isfile(os.path.join(cfg.data_dir, "tokenizer.model"))
-    return build_model_config(cfg, Tokenizer(cfg.data_dir).vocab_size if has_data else 0, torch.device("cpu"))
+    vocab_size = Tokenizer(cfg.data_dir).vocab_size if has_data else 0
+    return build_model_config(cfg, vocab_size, resolve_attn_impl(cfg, torch.device("cpu")))
 
 
 def main(cfg: PretrainConfig) -> None:
@@ -125,6 +125,7 @@ def main(cfg: PretrainConfig) -> None:
     # ---- setup ----
     run = tc.Run(cfg, "pretrain")
     device = run.device
+    attn_impl = resolve_attn_impl(cfg, device)  # auto -> triton on CUDA, sdpa elsewhere
 
     # ---- data ----
     with open(os.path.join(cfg.data_dir, "meta.json")) as fh:
@@ -147,7 +148,7 @@ def main(cfg: PretrainConfig) -> None:
     if cfg.init_from:
         try:
             # config.json stores the architecture only: this run's kernel, dropout and recompute come from cfg.
-            raw_model = Transformer.from_pretrained(cfg.init_from, device=device, **runtime_settings(cfg, device))
+            raw_model = Transformer.from_pretrained(cfg.init_from, device=device, **runtime_settings(cfg, attn_impl))
         except ValueError as e:  # not a checkpoint, or truncated / corrupted weights
             raise UserError(f"init_from: {e}") from None
         if raw_model.config.vocab_size < tokenizer.vocab_size:
@@ -156,7 +157,7 @@ def main(cfg: PretrainConfig) -> None:
             )
     else:
         with torch.device("meta"):  # shapes only; run.prepare initializes it (under fsdp one block at a time)
-            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, device))
+            raw_model = Transformer(build_model_config(cfg, tokenizer.vocab_size, attn_impl))
     flops_per_token = raw_model.estimate_flops_per_token(cfg.seq_len)
     peak = cfg.peak_flops or tc.guess_peak_flops(device, run.dtype)
     run.print(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
@@ -168,7 +169,7 @@ def main(cfg: PretrainConfig) -> None:
             state = LazyStateDict(ckpt)
         else:
             state = Transformer.from_pretrained(ckpt, device=device).state_dict()
-        run.du.load_full_state_dict(model, state)
+        distributed.load_full_state_dict(model, state)
 
     def write_weights(path: str, full_state=None) -> None:
         extra = {"state_dict": full_state} if full_state is not None else {}
@@ -201,7 +202,16 @@ def main(cfg: PretrainConfig) -> None:
             loss_sum += loss.detach()
             aux_sum += torch.as_tensor(aux).detach()
         loss_mean = tc.all_reduce_mean(loss_sum / run.accum)
-        applied = run.optimizer_step(step, loss_mean)
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, cfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(loss_mean, grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         if run.progress is not None:
             run.progress.update(1)
@@ -219,7 +229,7 @@ def main(cfg: PretrainConfig) -> None:
                 "tokens": step * tokens_per_step,
                 "tok_per_s": tok_per_s,
                 "mfu": flops_per_token * tok_per_s / (peak * run.world_size),
-                "grad_norm": run.last_grad_norm.item(),
+                "grad_norm": grad_norm.item(),
             }
             if raw_model.config.n_experts:
                 record["aux_loss"] = (aux_sum / run.accum).item()

@@ -53,16 +53,18 @@ sample.py, eval.py and transformers. Tokenizer files are copied into every outpu
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import lora
 import tasks
 import train_common as tc
+from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
     ExampleSampler,
@@ -76,8 +78,7 @@ from finetune import (
     sharding_errors,
     val_loss,
 )
-from launch import dry_run
-from model import TOKENIZER_FILES, Transformer
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
 
@@ -146,8 +147,7 @@ class SFTConfig(tc.TrainConfig):
             errors.append(f"base_dtype must be auto, float32, bfloat16 or float16, not '{self.base_dtype}'")
         if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
             errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
-        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
-            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        errors += attn_impl_errors(self)
         if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
             errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
         return errors
@@ -205,7 +205,9 @@ def main(cfg: SFTConfig) -> None:
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init and dropout: identical on every rank
-    raw_model = load_base(cfg, device, grow_vocab_to=tokenizer.vocab_size if extended else 0)
+    raw_model = load_base(
+        cfg, device, resolve_attn_impl(cfg, device), grow_vocab_to=tokenizer.vocab_size if extended else 0
+    )
     if extended and raw_model.config.pad_token_id is None:
         raw_model.config.pad_token_id = tokenizer.pad_id  # config.json then names the new <pad>
     if tokenizer.vocab_size > raw_model.config.vocab_size:
@@ -216,28 +218,11 @@ def main(cfg: SFTConfig) -> None:
     model, optimizer = run.prepare(raw_model)  # order: adapters first, then wrap, then the optimizer
     step_model = torch.compile(model) if cfg.compile else model
 
-    def copy_tokenizer(path: str) -> None:
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tok_dir, name)):
-                shutil.copy2(os.path.join(tok_dir, name), os.path.join(path, name))
-
-    def write_weights(path: str, full_state=None) -> None:
-        if use_lora:  # only the adapter: the base stays where it is, named in adapter_config.json
-            lora.save_adapter(raw_model, path, base_model_name_or_path=base_dir)
-            copy_tokenizer(path)
-        else:
-            extra = {"state_dict": full_state} if full_state is not None else {}
-            raw_model.save_pretrained(path, tokenizer_dir=tok_dir, **extra)
-
     def save(step: int) -> None:
         full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
-        run.save(step, lambda path: write_weights(path, full_state), data=sampler)
-
-    def load_weights(ckpt: str) -> None:
-        if use_lora:
-            lora.load_adapter(raw_model, ckpt)  # the layers exist already: this only copies A and B
-        else:
-            run.du.load_full_state_dict(model, Transformer.from_pretrained(ckpt, device=device).state_dict())
+        # LoRA: only the adapter (the base stays where it is, named in adapter_config.json) + the tokenizer.
+        write = lambda path: write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
+        run.save(step, write, data=sampler)
 
     def evaluate(step: int) -> None:
         record = {"step": step}
@@ -253,7 +238,7 @@ def main(cfg: SFTConfig) -> None:
         run.print(f"step {step}: {shown}")
 
     # ---- training loop ----
-    step = run.resume(load_weights, data=sampler)
+    step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
     if extended and run.master:  # written only now: a run that stops at start-up leaves out_dir untouched
         tokenizer.save(tok_dir)
     if step == 0 and cfg.eval_at_start:
@@ -287,7 +272,16 @@ def main(cfg: SFTConfig) -> None:
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per assistant token over the global batch
-        applied = run.optimizer_step(step, loss_mean)
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, cfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(loss_mean, grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         if run.progress is not None:
             run.progress.update(1)
@@ -301,7 +295,7 @@ def main(cfg: SFTConfig) -> None:
             tok_per_s = (sampler.tokens - tokens_last) / max(now - t_last, 1e-9)  # padded tokens, all ranks
             t_last, tokens_last = now, sampler.tokens
             record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": sampler.tokens,
-                      "tok_per_s": tok_per_s, "grad_norm": run.last_grad_norm.item(), "epoch": sampler.epoch}  # fmt: skip
+                      "tok_per_s": tok_per_s, "grad_norm": grad_norm.item(), "epoch": sampler.epoch}  # fmt: skip
             run.log(record)
             if run.progress is not None:
                 run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:.0f}")
@@ -317,9 +311,7 @@ def main(cfg: SFTConfig) -> None:
     if use_lora and cfg.merge_at_end and step == cfg.steps and run.master:
         # A plain checkpoint with W + scaling * B A folded in (QLoRA: into the dequantized base), which
         # sample.py, eval.py and transformers read like any other model.
-        merged = os.path.join(cfg.out_dir, "merged")
-        raw_model.save_pretrained(merged, tokenizer_dir=tok_dir, state_dict=lora.merged_state_dict(raw_model))
-        run.print(f"merged model in {merged}")
+        run.print(f"merged model in {write_merged(raw_model, cfg.out_dir, tok_dir)}")
     run.finish(step, f"sft {cfg.finetune} from {os.path.basename(base_dir)}")
 
 

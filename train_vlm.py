@@ -27,17 +27,18 @@ a folder written by `python vlm_data.py`, a LLaVA-style json next to its images,
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import lora
 import train_common as tc
 import vlm_data
 from config import UserError, load_yaml, run_cli
-from hf_checkpoint import read_config
-from launch import dry_run
+from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
@@ -86,8 +87,7 @@ class VLMTrainConfig(tc.TrainConfig):
             errors.append(f"stage must be 1, 2 or both, not '{self.stage}'")
         if self.train_lm not in ("full", "lora", "frozen"):
             errors.append(f"train_lm must be full, lora or frozen, not '{self.train_lm}'")
-        if self.attn_impl not in ("auto", "naive", "sdpa", "triton"):
-            errors.append(f"attn_impl must be auto, naive, sdpa or triton, not '{self.attn_impl}'")
+        errors += attn_impl_errors(self)
         if self.parallel not in ("auto", "none", "ddp", "torch_ddp"):
             errors.append("parallel must be auto, none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
         if self.compile:
@@ -193,7 +193,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
     scfg = stage_config(cfg, stage)
     run = tc.Run(scfg, f"vlm-stage{stage}")
     device = run.device
-    attn_impl = cfg.attn_impl if cfg.attn_impl != "auto" else ("triton" if device.type == "cuda" else "sdpa")
+    attn_impl = resolve_attn_impl(cfg, device)  # auto -> triton on CUDA, sdpa elsewhere
 
     # ---- data ----
     tok_dir = cfg.lm or cfg.tokenizer_dir
@@ -265,7 +265,16 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per answer token over the global batch
-        applied = run.optimizer_step(step, loss_mean)
+        # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
+        run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
+        grad_norm = distributed.clip_grad_norm_(model, scfg.grad_clip or math.inf)  # over all ranks and shards
+        applied = tc.all_finite(loss_mean, grad_norm)  # a NaN / inf step is skipped: weights and moments stay
+        if applied:
+            run.scaler.step(optimizer)  # optimizer.step() (fp16: unless the scaled gradients overflowed)
+            tc.update_moe_bias(raw_model)  # DeepSeek-V3 aux-loss-free balancing: a no-op for dense models
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.count_bad_steps(step, applied)  # policy: log a skipped step, stop after max_bad_steps in a row
         step += 1
         seen_tokens += tokens
         if run.progress is not None:
@@ -279,7 +288,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
             img_per_s = run.throughput(step, cfg.batch_size)
             record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": seen_tokens,
                       "img_per_s": img_per_s, "tok_per_s": img_per_s * tokens / cfg.batch_size,
-                      "grad_norm": run.last_grad_norm.item(), "stage": stage}  # fmt: skip
+                      "grad_norm": grad_norm.item(), "stage": stage}  # fmt: skip
             run.log(record)
             if run.progress is not None:
                 run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
@@ -300,7 +309,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
 def plan_language_model(cfg: VLMTrainConfig) -> ModelConfig | None:
     """The language model's config for the dry run (the planner sizes the LM; the vision tower is small)."""
     if cfg.lm:
-        return read_config(cfg.lm) if os.path.isdir(cfg.lm) else None
+        return ModelConfig.from_checkpoint(cfg.lm) if os.path.isdir(cfg.lm) else None
     has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.model"))
     return language_model_config(cfg, Tokenizer(cfg.tokenizer_dir).vocab_size if has_tokenizer else 0, "sdpa")
 

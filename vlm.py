@@ -12,7 +12,7 @@ What is here, top to bottom:
   render_with_image / collate / generate_answer / vqa_accuracy - prompts, batches, answers, exact-match scoring
 
 Key choices
-  * The vision blocks reuse model.py's RMSNorm, SwiGLU MLP and attention(); only the mask differs: a patch
+  * The vision blocks reuse model.py's RMSNorm and attention() and moe.py's SwiGLU MLP; only the mask differs: a patch
     sees every other patch (no causal mask, no RoPE: positions come from the learned embedding, as in ViT).
     ViT itself uses LayerNorm and a GELU MLP; using the language model's pieces keeps one set of kernels.
   * The `<image>` placeholder. The tokenizer has no image token (and is not ours to change), so the image
@@ -45,16 +45,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+import lora
+import vlm_data
 from generation import generate
-from model import ATTN_IMPLS, MLP, TOKENIZER_FILES, RMSNorm, Transformer, attention
+from hf_checkpoint import copy_tokenizer_files
+from model import ATTN_IMPLS, RMSNorm, Transformer, attention
+from moe import SwiGLU
+from tasks import accuracy_by_family
+from tokenizer import Tokenizer
 
 IMAGE_TAG = "<image>"
 VISION_WEIGHTS, VLM_CONFIG = "vision.safetensors", "vlm_config.json"
@@ -99,7 +104,7 @@ def vision_attention(q, k, v, impl: str):
     only causal calls there); elsewhere it falls back to SDPA, as model.py does.
     """
     if impl == "triton" and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        from flash_attention import flash_attention  # lazy: Triton is optional on CPU
+        from flash_attention import flash_attention  # lazy: importing it imports triton (slow, optional on CPU)
 
         return flash_attention(q, k, v, causal=False)
     return attention(q, k, v, None, False, "naive" if impl == "naive" else "sdpa")  # (B, H, N, D)
@@ -134,7 +139,7 @@ class VisionBlock(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = VisionAttention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+        self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
 
     def forward(self, x):
         x = x + self.self_attn(self.input_layernorm(x))
@@ -237,10 +242,6 @@ class VLM(nn.Module):
     def save_pretrained(self, path: str, tokenizer_dir: str | None = None, lora_base: str | None = None):
         """The language model's files (full weights, or a PEFT adapter naming lora_base when it has LoRA layers),
         vision.safetensors, vlm_config.json, and the tokenizer files from tokenizer_dir."""
-        from safetensors.torch import save_file
-
-        import lora
-
         os.makedirs(path, exist_ok=True)
         if lora.lora_layers(self.language_model):
             lora.save_adapter(self.language_model, path, base_model_name_or_path=lora_base)
@@ -255,14 +256,11 @@ class VLM(nn.Module):
         with open(os.path.join(path, VLM_CONFIG + ".tmp"), "w") as fh:
             json.dump(meta, fh, indent=2)
         os.replace(os.path.join(path, VLM_CONFIG + ".tmp"), os.path.join(path, VLM_CONFIG))
-        for name in TOKENIZER_FILES if tokenizer_dir else ():
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, path)
 
     def load_vision_weights(self, path: str) -> None:
         """Load vision_tower.* and projector.* from path/vision.safetensors (strict: every key, right shapes)."""
-        from safetensors.torch import load_file
-
         tensors = load_file(os.path.join(path, VISION_WEIGHTS))
         own = {k for k in self.state_dict() if k.startswith(("vision_tower.", "projector."))}
         if set(tensors) != own:
@@ -320,8 +318,6 @@ def render_with_image(tokenizer, messages: list[dict], num_image_tokens: int, ad
 def collate(rows: list[dict], tokenizer, vision: VisionConfig, max_len: int):
     """Examples -> (x (B, T), y (B, T), pixels (B, 3, S, S)). y is x shifted by one, -1 where no loss is taken
     (prompt, image slots, padding); sequences are right-padded with EOS and cut to max_len tokens."""
-    from vlm_data import image_to_tensor
-
     seqs, labels = [], []
     for row in rows:
         ids, mask = render_with_image(tokenizer, row["messages"], vision.num_patches)
@@ -335,7 +331,7 @@ def collate(rows: list[dict], tokenizer, vision: VisionConfig, max_len: int):
     y = torch.full((len(rows), T), -1, dtype=torch.long)
     for b, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
         x[b, : len(s)], y[b, : len(lab)] = torch.tensor(s), torch.tensor(lab)
-    pixels = torch.stack([image_to_tensor(row["image"], vision.image_size) for row in rows])  # (B, 3, S, S)
+    pixels = torch.stack([vlm_data.image_to_tensor(row["image"], vision.image_size) for row in rows])  # (B, 3, S, S)
     return x, y, pixels
 
 
@@ -347,15 +343,13 @@ def generate_answer(model: VLM, tokenizer, images: list, questions: list[str], m
     images: paths, PIL images or uint8 arrays; a question without "<image>" gets the image in front of it.
     sampling: generate()'s options (temperature, top_k, top_p, generator, stop_ids, ...); stops at <|end|>/EOS.
     """
-    from vlm_data import image_to_tensor
-
     vision = model.vision_tower.config
     device = next(model.parameters()).device
     prompts = []
     for q in questions:
         turn = {"role": "user", "content": q if IMAGE_TAG in q else IMAGE_TAG + q}
         prompts.append(render_with_image(tokenizer, [turn], vision.num_patches, add_generation_prompt=True)[0])
-    pixels = torch.stack([image_to_tensor(im, vision.image_size) for im in images]).to(device)  # (B, 3, S, S)
+    pixels = torch.stack([vlm_data.image_to_tensor(im, vision.image_size) for im in images]).to(device)  # (B, 3, S, S)
     options = {"temperature": 0.0, "stop_ids": (tokenizer.special_id("<|end|>"), tokenizer.eos_id), **sampling}
     was_training = model.training
     model.eval()
@@ -368,28 +362,18 @@ def generate_answer(model: VLM, tokenizer, images: list, questions: list[str], m
 def vqa_accuracy(model: VLM, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 8) -> dict:
     """Greedy exact-match accuracy on one-question examples (vlm_data rows: the first user turn is asked, "answer"
     is the truth), like tasks.task_accuracy: {"accuracy": float, "by_family": {family: float}, "n": int}."""
-    from tasks import exact_match
-
-    correct, by_family = [], defaultdict(list)
+    answers = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         questions = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in chunk]
-        answers = generate_answer(model, tokenizer, [r["image"] for r in chunk], questions, max_new_tokens)
-        for row, answer in zip(chunk, answers, strict=True):
-            ok = exact_match(answer, row["answer"])
-            correct.append(ok)
-            by_family[row.get("family", "all")].append(ok)
-    acc = sum(correct) / max(1, len(correct))
-    return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
+        answers += generate_answer(model, tokenizer, [r["image"] for r in chunk], questions, max_new_tokens)
+    return accuracy_by_family(rows, answers)
 
 
 def evaluate_checkpoint(path: str, data: str = "builtin", n: int = 200, device="cpu", batch_size: int = 64) -> dict:
     """Exact-match accuracy of a VLM checkpoint, for eval.py in one call: held-out VQA (per family) and, on the
     built-in set, held-out captions. data: builtin | a vlm_data.py folder (test.json) | a LLaVA json with
     answers. Returns {"vqa_acc", "vqa_by_family", "vqa_n"[, "caption_acc"]}."""
-    import vlm_data
-    from tokenizer import Tokenizer
-
     model = VLM.from_pretrained(path, device=device)
     tokenizer = Tokenizer(path)
     size = model.vision_tower.config.image_size

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import spawn
 
+import checkpoint
 import distributed
 import planner
 from model import ModelConfig, Transformer
@@ -298,14 +299,24 @@ def _ckpt_worker(info, tmp):
         opt = adamw(model)
         full_losses = train(model, opt, data, info, accum=2)
         final = distributed.full_state_dict(model)
-        # Interrupted: save after 3 steps, then a fresh model (different init) resumes from the sharded files.
+        # Interrupted: save after 3 steps as the training loops do (checkpoint.py: gathered weights, the optimizer
+        # state per rank under fsdp), then a fresh model (different init) resumes from those files.
         model = distributed.wrap_model(make_model(cfg), mode, info)
         opt = adamw(model)
         first = train(model, opt, data[:3], info, accum=2)
-        distributed.save_sharded(os.path.join(tmp, mode), model, opt, meta={"step": 3})
+        per_rank = mode == "fsdp"
+        gathered = distributed.full_state_dict(model, rank0_only=True)  # collective: every rank takes part
+        raw = distributed.unwrap(model)
+        path = checkpoint.save_checkpoint(
+            os.path.join(tmp, mode), 3, info.rank, lambda d, raw=raw, sd=gathered: raw.save_pretrained(d, state_dict=sd),
+            checkpoint.optimizer_tensors(opt), {}, keep_last=1, per_rank_optimizer=per_rank,
+        )  # fmt: skip
         model = distributed.wrap_model(make_model(cfg, seed=7), mode, info)
         opt = adamw(model)
-        assert distributed.load_sharded(os.path.join(tmp, mode), model, opt) == {"step": 3}
+        distributed.load_full_state_dict(model, Transformer.from_pretrained(path).state_dict())
+        state, opt_tensors = checkpoint.load_train_state(path, info.rank, per_rank_optimizer=per_rank)
+        checkpoint.load_optimizer_tensors(opt, opt_tensors, state["optimizer"])
+        assert state["step"] == 3
         rest = train(model, opt, data[3:], info, accum=2)
         assert first + rest == full_losses  # bit-exact: same shards, same optimizer state, same order of ops
         resumed = distributed.full_state_dict(model)

@@ -21,7 +21,7 @@ import generation
 import tasks
 from config import UserError, run_cli
 from model import ModelConfig, Transformer
-from prepare_data import read_shard
+from shards import read_shard
 
 
 @pytest.fixture(scope="module")

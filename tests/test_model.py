@@ -285,8 +285,6 @@ def test_from_pretrained_errors(tmp_path):
 def test_config_from_transformers4_style_json():
     """config.json as TinyLlama / Llama 3.1 ship it (transformers 4.x keys: rope_theta + rope_scaling, a list of
     eos ids) gives the same shapes as our preset; transformers' own LlamaConfig agrees on the RoPE parameters."""
-    from model import config_from_hf
-
     d = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -305,12 +303,12 @@ def test_config_from_transformers4_style_json():
         "eos_token_id": [2, 3],
         "pretraining_tp": 1,
     }
-    cfg = config_from_hf(d)
+    cfg = ModelConfig.from_hf(d)
     preset = ModelConfig.from_preset("tinyllama-1.1b")
     assert dataclasses.replace(cfg, eos_token_id=2) == preset
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}  # fmt: skip
-    cfg = config_from_hf({**d, "rope_scaling": scaling, "rope_theta": 500000.0})
+    cfg = ModelConfig.from_hf({**d, "rope_scaling": scaling, "rope_theta": 500000.0})
     assert cfg.rope_scaling == scaling and cfg.rope_theta == 500000.0
     hf = transformers.LlamaConfig(**{**d, "rope_scaling": scaling, "rope_theta": 500000.0})
     assert hf.rope_parameters == {**scaling, "rope_theta": 500000.0}
@@ -379,7 +377,7 @@ def test_preset_parameter_counts(name, expected):
 def test_preset_matches_hf_count():
     """Our count of the TinyLlama preset equals transformers' count of the same shapes (on the meta device)."""
     cfg = ModelConfig.from_preset("tinyllama-1.1b")
-    from model import config_to_hf
+    from hf_checkpoint import config_to_hf
 
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(cfg).items() if k not in ("dtype",)})
     with torch.device("meta"):

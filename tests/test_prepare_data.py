@@ -14,19 +14,8 @@ import numpy as np
 import pytest
 
 from config import UserError
-from prepare_data import (
-    DataConfig,
-    ShardWriter,
-    TokenStream,
-    clean,
-    iter_source,
-    normalize,
-    prepare,
-    read_shard,
-    split_train_val,
-    stdlib_files,
-    write_shard,
-)
+from prepare_data import DataConfig, clean, iter_source, normalize, prepare, split_train_val, stdlib_files
+from shards import ShardWriter, TokenStream, read_shard, write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -137,8 +137,8 @@ def test_sigterm_saves_and_resume_continues_the_same_curve(tiny_data_dir, tmp_pa
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "SIGTERM: saved step" in stdout
-    stopped_at = tc.list_checkpoints(out)[-1]
-    assert tc.verify_checkpoint(stopped_at) is None and int(stopped_at.rsplit("_", 1)[1]) < 400
+    stopped_at = checkpoint.list_checkpoints(out)[-1]
+    assert checkpoint.verify_checkpoint(stopped_at) is None and int(stopped_at.rsplit("_", 1)[1]) < 400
     assert run_subprocess(argv).returncode == 0
     assert train_losses(out) == train_losses(ref)
     a, b = final_weights(out), final_weights(ref)
@@ -148,7 +148,7 @@ def test_sigterm_saves_and_resume_continues_the_same_curve(tiny_data_dir, tmp_pa
 def test_crash_during_save_leaves_previous_checkpoint(tiny_data_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "crash")
     run_inprocess(base_args(tiny_data_dir, out, steps=8, stop_after_steps=4))
-    good = tc.list_checkpoints(out)
+    good = checkpoint.list_checkpoints(out)
     assert [os.path.basename(p) for p in good] == ["step_000004"]
 
     from model import Transformer
@@ -165,10 +165,10 @@ def test_crash_during_save_leaves_previous_checkpoint(tiny_data_dir, tmp_path, m
     with pytest.raises(OSError, match="simulated crash"):
         run_inprocess(base_args(tiny_data_dir, out, steps=8))
     monkeypatch.undo()
-    assert tc.list_checkpoints(out) == good and tc.verify_checkpoint(good[0]) is None
+    assert checkpoint.list_checkpoints(out) == good and checkpoint.verify_checkpoint(good[0]) is None
     assert os.path.isdir(os.path.join(out, "checkpoints", "step_000008.tmp"))  # the wreck, ignored by resume
     cfg = parse_args(train_pretrain.PretrainConfig, base_args(tiny_data_dir, out, steps=8))
-    assert tc.find_resume_checkpoint(cfg) == good[0]
+    assert checkpoint.find_resume_checkpoint(cfg) == good[0]
     run_inprocess(base_args(tiny_data_dir, out, steps=8))  # and the run completes from there
     assert max(train_losses(out)) == 8
 
@@ -176,14 +176,14 @@ def test_crash_during_save_leaves_previous_checkpoint(tiny_data_dir, tmp_path, m
 def test_corrupted_checkpoint_is_refused_with_the_previous_one_offered(tiny_data_dir, tmp_path):
     out = str(tmp_path / "corrupt")
     run_inprocess(base_args(tiny_data_dir, out, steps=8, save_every=4))
-    newest = tc.list_checkpoints(out)[-1]
+    newest = checkpoint.list_checkpoints(out)[-1]
     path = os.path.join(newest, "model.safetensors")
     with open(path, "r+b") as fh:
         fh.seek(200)
         fh.write(b"\x00\x01\x02\x03")  # flipped bytes, same size
     cfg = parse_args(train_pretrain.PretrainConfig, base_args(tiny_data_dir, out, steps=12))
     with pytest.raises(UserError) as e:
-        tc.find_resume_checkpoint(cfg)
+        checkpoint.find_resume_checkpoint(cfg)
     assert "model.safetensors is corrupted" in str(e.value) and "step_000004" in str(e.value)
     with open(path, "r+b") as fh:
         fh.truncate(50)
@@ -197,31 +197,35 @@ def test_one_run_per_out_dir(tiny_data_dir, tmp_path):
     out = str(tmp_path / "shared")
     run_inprocess(base_args(tiny_data_dir, out, steps=8, save_every=4))
     old = train_losses(out)
-    tree = {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)}
+    tree = {p: os.path.getmtime(p) for p in checkpoint.list_checkpoints(out)}
 
-    tc.lock_out_dir(out)  # this process plays the live run; the subprocess is the second one
+    checkpoint.lock_out_dir(out)  # this process plays the live run; the subprocess is the second one
     try:
         proc = run_subprocess(base_args(tiny_data_dir, out, steps=12))
     finally:
-        tc.unlock_out_dir(out)
+        checkpoint.unlock_out_dir(out)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert "is in use by another training run" in proc.stderr, proc.stderr
 
     # Without overwrite=true a fresh start refuses; pruning would otherwise keep the old run's higher steps.
     with pytest.raises(UserError, match="holds 2 checkpoint.*step_000008.*overwrite=true"):
         run_inprocess(base_args(tiny_data_dir, out, steps=3, save_every=1, resume="never"))
-    assert {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)} == tree and train_losses(out) == old
+    assert {p: os.path.getmtime(p) for p in checkpoint.list_checkpoints(out)} == tree and train_losses(out) == old
 
     # Continuing another run's checkpoint here is a new run in this out_dir too.
     other = str(tmp_path / "other")
     run_inprocess(base_args(tiny_data_dir, other, steps=2, save_every=2))
     with pytest.raises(UserError, match="holds 2 checkpoint.*overwrite=true"):
-        run_inprocess(base_args(tiny_data_dir, out, steps=3, resume=tc.list_checkpoints(other)[-1]))
-    assert {p: os.path.getmtime(p) for p in tc.list_checkpoints(out)} == tree and train_losses(out) == old
+        run_inprocess(base_args(tiny_data_dir, out, steps=3, resume=checkpoint.list_checkpoints(other)[-1]))
+    assert {p: os.path.getmtime(p) for p in checkpoint.list_checkpoints(out)} == tree and train_losses(out) == old
 
     # With it, the old checkpoints go and only the new run's remain; its log starts afresh.
     run_inprocess(base_args(tiny_data_dir, out, steps=3, save_every=1, seed=1, resume="never", overwrite="true"))
-    assert [os.path.basename(p) for p in tc.list_checkpoints(out)] == ["step_000001", "step_000002", "step_000003"]
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(out)] == [
+        "step_000001",
+        "step_000002",
+        "step_000003",
+    ]
     new = train_losses(out)
     assert sorted(new) == [1, 2, 3] and new[1] != old[1]  # seed 1: a different run, not the old lines kept
 
@@ -235,7 +239,7 @@ def test_out_dir_lock_degrades_on_filesystems_without_flock(tmp_path, monkeypatc
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    tc.lock_out_dir(str(tmp_path))
+    checkpoint.lock_out_dir(str(tmp_path))
     assert "cannot lock" in capsys.readouterr().out and os.path.realpath(tmp_path) not in checkpoint._LOCKED
 
 
@@ -250,8 +254,8 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_data_dir, tmp_path):
     with pytest.raises(UserError, match="3 non-finite steps in a row at step 7"):
         run_inprocess(base_args(tiny_data_dir, out2, steps=12, save_every=4, max_bad_steps=3,
                                 inject_nan_steps="[5,6,7]"))  # fmt: skip
-    good = tc.list_checkpoints(out2)
-    assert [os.path.basename(p) for p in good] == ["step_000004"] and tc.verify_checkpoint(good[0]) is None
+    good = checkpoint.list_checkpoints(out2)
+    assert [os.path.basename(p) for p in good] == ["step_000004"] and checkpoint.verify_checkpoint(good[0]) is None
 
 
 # ----------------------------------------------------------------------------- what training achieves
@@ -271,7 +275,7 @@ def test_golden_loss_curve(tiny_data_dir, tmp_path):
 
 
 def test_validation_loss_falls_well_below_unigram_entropy(tiny_data_dir, tmp_path):
-    from prepare_data import read_shard
+    from shards import read_shard
 
     tokens = np.asarray(read_shard(os.path.join(tiny_data_dir, "train_000.bin")))
     p = np.bincount(tokens).astype(np.float64)
