@@ -1,7 +1,8 @@
 """A tiny MoE through the real pretraining loop (train_pretrain.main), at 1 and 2 ranks, with both routers.
 
-At every optimizer step a probe wrapped around Run.optimizer_step looks at what the loop produced, just before the
-step and just after it, and checks it against a reference built by hand in the same process:
+At every optimizer step a probe looks at what the loop produced, just before the step (wrapped around the loop's own
+call of distributed.clip_grad_norm_, where the gradients are raw) and just after it (around tc.update_moe_bias),
+and checks it against a reference built by hand in the same process:
 - the raw gradient (before clipping) equals the gradient of sum over the rank's micro-batches of
   (LM loss + the model's MoE auxiliary loss) / accum, averaged over ranks, recomputed on a fresh copy of the
   pre-step weights; and the auxiliary loss visibly changes the router's gradient, so dropping it cannot pass;
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import yaml
 from conftest import spawn
 
+import distributed
 import train_common as tc
 import train_pretrain
 from config import parse_args
@@ -67,17 +69,16 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def check_step(run, stream, original_step, step, loss_mean, carried: dict) -> bool:
-    """Run the loop's own optimizer step between the checks described in the module docstring. carried: what
-    load_counts held after the previous step (zeroed by the sigmoid router's update; the softmax router's keep
-    growing, unused)."""
-    raw = run.raw_model
+def check_before_step(run, stream, state: dict) -> None:
+    """Before the loop clips and steps: the raw gradient, the loads, and what the bias update must give (kept in
+    `state` for check_after_step). state["carried"]: what load_counts held after the previous step (zeroed by the
+    sigmoid router's update; the softmax router's keep growing, unused)."""
+    raw, carried = run.raw_model, state["carried"]
     moes = [m for _, m in raw._moe_modules()]
     # This rank's loads of this step, before any all-reduce.
     counts = [m.load_counts - carried.get(i, 0) for i, m in enumerate(moes)]
-    bias = [m.expert_bias.clone() for m in moes]
     grads = None if run.sharded else {n: p.grad.clone() for n, p in raw.named_parameters()}
-    weights = run.du.full_state_dict(run.model)  # pre-step; a collective under fsdp
+    weights = distributed.full_state_dict(run.model)  # pre-step; a collective under fsdp
     batches = stream.taken[-run.accum :]
 
     # The reference: a fresh copy of the pre-step weights, the same micro-batches, loss + aux built here.
@@ -88,64 +89,78 @@ def check_step(run, stream, original_step, step, loss_mean, carried: dict) -> bo
     for x, y in batches:
         ((ref(x, y) + ref.moe_aux_loss()) / len(batches)).backward()
     for (_, ref_m), c in zip(ref._moe_modules(), counts, strict=True):
-        assert torch.equal(c, ref_m.load_counts), (run.cfg.parallel, raw.config.router, step, c, ref_m.load_counts)
+        assert torch.equal(c, ref_m.load_counts), (run.cfg.parallel, raw.config.router, c, ref_m.load_counts)
     if grads is not None:
         for n, p in ref.named_parameters():
             want = p.grad.clone()
             dist.all_reduce(want)
             want /= world()  # the data-parallel mean of every rank's gradient
-            torch.testing.assert_close(grads[n], want, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"step {step} {n}: {m}")
+            torch.testing.assert_close(grads[n], want, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
         # The check can fail: without the auxiliary loss the router's gradient is far outside that tolerance.
         gate = ref.get_parameter("model.layers.0.block_sparse_moe.gate.weight")
         with_aux = gate.grad.clone()
         ref.zero_grad(set_to_none=True)
         for x, y in batches:
             (ref(x, y) / len(batches)).backward()
-        assert (gate.grad - with_aux).abs().max() > 0.1 * with_aux.abs().max(), step
-
-    applied = original_step(run, step, loss_mean)
-    carried.update({i: m.load_counts.clone() for i, m in enumerate(moes)})
-
+        assert (gate.grad - with_aux).abs().max() > 0.1 * with_aux.abs().max()
     summed = [c.clone() for c in counts]
     for c in summed:
         dist.all_reduce(c)  # what every rank should have used
+    state["pending"] = (moes, [m.expert_bias.clone() for m in moes], summed)
+
+
+def check_after_step(state: dict) -> None:
+    """After the loop's bias update: the DeepSeek-V3 update from the summed loads, identical on every rank."""
+    moes, bias, summed = state.pop("pending")
+    state["carried"].update({i: m.load_counts.clone() for i, m in enumerate(moes)})
     for m, b, c in zip(moes, bias, summed, strict=True):
         if m.router == "sigmoid_bias":
             want = b + m.bias_update_rate * torch.sign(c.mean() - c)
-            assert torch.equal(m.expert_bias, want), (step, m.expert_bias, want)
+            assert torch.equal(m.expert_bias, want), (m.expert_bias, want)
         else:
             assert torch.equal(m.expert_bias, b)  # the softmax router has no bias to move
         everyone = [torch.empty_like(m.expert_bias) for _ in range(world())]
         dist.all_gather(everyone, m.expert_bias)
         assert all(torch.equal(e, everyone[0]) for e in everyone), everyone  # replicas stay identical
-    return applied
 
 
 @contextmanager
 def probed():
-    """Install the recording stream and the step probe; yields the list of checked steps."""
-    checked, streams, carried = [], [], {}
-    original_step, original_finish = tc.Run.optimizer_step, tc.Run.finish
+    """Install the recording stream and the probes around the loop's clip and bias update; yields the number of
+    checked steps (a list with one entry per step)."""
+    checked, streams, runs, state = [], [], [], {"carried": {}}
+    original = (tc.Run.__init__, tc.Run.finish, distributed.clip_grad_norm_, tc.update_moe_bias)
 
     class Stream(RecordingStream):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             streams.append(self)
 
-    def optimizer_step(run, step, loss_mean):
-        train = next(s for s in streams if s.split == "train")
-        applied = check_step(run, train, original_step, step, loss_mean, carried)
-        checked.append(step)
-        return applied
+    def init(run, *args, **kwargs):
+        original[0](run, *args, **kwargs)
+        runs.append(run)
 
     def finish(run, step, title, leave_group=True):
-        return original_finish(run, step, title, leave_group=False)  # the next run in this process reuses the group
+        return original[1](run, step, title, leave_group=False)  # the next run in this process reuses the group
 
-    train_pretrain.TokenStream, tc.Run.optimizer_step, tc.Run.finish = Stream, optimizer_step, finish
+    def clip_grad_norm_(model, max_norm):
+        train = next(s for s in streams if s.split == "train")
+        check_before_step(runs[-1], train, state)
+        return original[2](model, max_norm)
+
+    def update_moe_bias(model):
+        original[3](model)
+        check_after_step(state)
+        checked.append(len(checked))
+
+    train_pretrain.TokenStream = Stream
+    tc.Run.__init__, tc.Run.finish, distributed.clip_grad_norm_, tc.update_moe_bias = (
+        init, finish, clip_grad_norm_, update_moe_bias)  # fmt: skip
     try:
         yield checked
     finally:
-        train_pretrain.TokenStream, tc.Run.optimizer_step, tc.Run.finish = TokenStream, original_step, original_finish
+        train_pretrain.TokenStream = TokenStream
+        tc.Run.__init__, tc.Run.finish, distributed.clip_grad_norm_, tc.update_moe_bias = original
 
 
 def run_probed(data_dir, out_dir, model_yaml, parallel) -> list[int]:
