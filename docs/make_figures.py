@@ -295,7 +295,7 @@ def fig_rope(cfg):
     a3.set_xlabel("pair index i (D = 128, base 500000)")
     a3.set_ylabel("wavelength 2 pi / theta_i (tokens)")
     a3.set_title("(c) scaling variants (model.rope_inv_freq)", fontsize=10)
-    a3.legend(fontsize=7)
+    a3.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return save(fig, cfg, "rope.png")
 
@@ -369,10 +369,8 @@ def fig_packed_mask(cfg):
         ax.imshow(img, interpolation="nearest")
         ax.set_xticks(range(T), [str(d) for d in doc], fontsize=7)
         ax.set_yticks(range(T), [f"{d} | {p}" for d, p in zip(doc, pos, strict=True)], fontsize=7)
-        ax.set_xticks(np.arange(-0.5, T), minor=True)
-        ax.set_yticks(np.arange(-0.5, T), minor=True)
-        ax.grid(which="minor", color="white", lw=0.5)
-        ax.tick_params(which="minor", length=0)
+        ax.hlines(np.arange(-0.5, T), -0.5, T - 0.5, color="white", lw=0.5)  # cell borders
+        ax.vlines(np.arange(-0.5, T), -0.5, T - 0.5, color="white", lw=0.5)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("key: document id")
         ax.set_ylabel("query: document id | RoPE position")
