@@ -451,7 +451,7 @@ def _panel(ax, log, title, right=None):
         twin.tick_params(labelsize=8)
         more = twin.get_legend_handles_labels()
         lines, labels = lines + more[0], labels + more[1]
-    ax.legend(lines, labels, fontsize=7.5, loc="center right")
+    ax.legend(lines, labels, fontsize=7.5, loc="best")  # few points: "best" is cheap here
 
 
 def fig_curves(cfg, name, panels):
@@ -480,7 +480,7 @@ def main(cfg: FiguresConfig) -> list[str]:
         "loss_curves": lambda c: fig_curves(c, "loss_curves.png", [
             (os.path.join(out, "pretrain", "log.jsonl"), "pretrain (train_pretrain.py)", None),
             (os.path.join(out, "sft", "log.jsonl"), "SFT, LoRA (train_sft.py)", ("task_acc", "task accuracy")),
-            (os.path.join(out, "dpo", "log.jsonl"), "DPO (train_dpo.py)", ("rewards/accuracy", "reward accuracy")),
+            (os.path.join(out, "dpo", "log.jsonl"), "DPO + NLL, rpo_alpha 1 (train_dpo.py)", ("rewards/accuracy", "reward accuracy")),
         ]),
         "vlm_curves": lambda c: fig_curves(c, "vlm_curves.png", [
             (os.path.join(out, "vlm", "stage1", "log.jsonl"), "VLM stage 1: captions", ("caption_acc", "caption acc")),
