@@ -447,6 +447,12 @@ def _panel(ax, log, title, right=None):
     if right and right[0] in log:
         twin = ax.twinx()
         twin.plot(*log[right[0]], color=GREEN, marker="s", ms=3, lw=1, label=right[1])
+        prefix = right[0].split("_")[0] + "/"  # per-family accuracies, e.g. vqa/colour or task_acc/easy
+        prefix = "task_acc/" if right[0] == "task_acc" else prefix
+        for key, color in zip(
+            sorted(k for k in log if k.startswith(prefix)), (RED, PURPLE, ORANGE, GREY), strict=False
+        ):
+            twin.plot(*log[key], color=color, ls="--", lw=0.9, label=key.split("/")[1])
         twin.set_ylim(-0.02, 1.02)
         twin.tick_params(labelsize=8)
         more = twin.get_legend_handles_labels()
