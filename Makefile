@@ -20,7 +20,7 @@ PRETRAIN := out/pretrain/DONE
 SFT      := out/sft/DONE
 DPO      := out/dpo/DONE
 
-.PHONY: setup setup-test demo data pretrain sft dpo eval samples test mutate lint gpu-check demo-vlm clean FORCE
+.PHONY: setup setup-test demo data pretrain sft dpo eval samples test mutate lint gpu-check demo-vlm figures clean FORCE
 
 setup: $(ENV_DEP) ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
@@ -72,7 +72,7 @@ demo-vlm: setup $(VLM)  ## ViT + projector + tiny LM on built-in shapes, both LL
 	$(PY) eval.py checkpoint=out/vlm data= tasks= choices= vqa=builtin
 	$(PY) vlm_data.py out_dir=data/vlm n_caption=1 n_train=1 n_test=4
 	$(PY) sample.py checkpoint=out/vlm image=data/vlm/images/test_00000.png prompt="What colour is the shape?" temperature=0 max_new_tokens=8
-$(VLM): $(_force)
+$(VLM): $(DATA) $(_force)  # the fresh LM uses the tokenizer that `make data` trains
 	$(PY) train_vlm.py configs/vlm_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 test: setup-test  ## install and run the whole test suite
@@ -83,6 +83,9 @@ mutate: setup-test ## realistic bugs, one at a time in a scratch copy: which doe
 
 lint: setup-test
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
+
+figures: setup    ## re-draw the tutorial's PNGs in docs/img/ (loss curves from out/, skipped when a run is missing)
+	$(PY) docs/make_figures.py out_dir=out
 
 gpu-check:        ## on a CUDA machine: kernel tests compiled, attention + training benchmarks, a short GPU run
 	$(if $(ENV_DEP),PATH=$(CURDIR)/.venv/bin:$$PATH,) bash benchmarks/gpu_check.sh
