@@ -3,6 +3,7 @@
     python eval.py checkpoint=out/pretrain                           # everything, on data/builtin
     python eval.py checkpoint=out/sft data=notes/*.txt tasks= choices=   # only the text loss of some files
     python eval.py compare=out/pretrain,out/sft,out/dpo              # side-by-side table: base -> SFT -> DPO
+    python eval.py compare=out/pretrain,out/sft,out/dpo plot=out/summary.png   # ... and the summary figure
     python eval.py --help
 
 What is measured (each part is skipped when its input is set to ""):
@@ -227,6 +228,7 @@ class EvalConfig:
     vqa: str = ""  # VLM checkpoints: VQA exact match on builtin | a vlm_data.py folder | a LLaVA json with answers
     max_new_tokens: int = 24  # generation budget per task answer
     batch_size: int = 8  # sequences per forward
+    plot: str = ""  # with compare=: also draw accuracy by stage and family and val loss by stage into this PNG
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
 
@@ -242,6 +244,8 @@ class EvalConfig:
             errors.append("seq_len, max_tokens and limit must be >= 0")
         if self.batch_size <= 0 or self.max_new_tokens <= 0:
             errors.append("batch_size and max_new_tokens must be > 0")
+        if self.plot and not self.plot.endswith(".png"):
+            errors.append(f"plot: '{self.plot}' must be a .png path")
         return errors
 
     def checkpoints(self) -> list[str]:
@@ -311,6 +315,42 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_summary(results: list[dict], path: str) -> str:
+    """One PNG of the compare= results: held-out task accuracy per stage (all tasks and each family) on the
+    left, val loss on the pretraining text per stage on the right. The picture of what each stage did:
+    SFT should raise the bars on the left without raising the one on the right."""
+    import matplotlib  # lazy: pyplot takes ~1 s to import and only compare=... plot= needs it
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = [os.path.basename(r["checkpoint"].rstrip("/").removesuffix("/merged")) or r["checkpoint"] for r in results]
+    families = sorted({f for r in results for f in r.get("task_by_family", {})})
+    groups = ["all", *families]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / max(len(results), 1)
+    for i, (name, r) in enumerate(zip(names, results, strict=True)):
+        accs = [r.get("task_acc", 0.0)] + [r.get("task_by_family", {}).get(f, 0.0) for f in families]
+        bars = left.bar([g + (i - (len(results) - 1) / 2) * width for g in range(len(groups))], accs, width, label=name)
+        left.bar_label(bars, fmt="%.2f", fontsize=7)
+    left.set_xticks(range(len(groups)), [f"{g} tasks" for g in groups])
+    left.set_ylabel("held-out exact match")
+    left.set_ylim(0, 1)
+    left.set_title("task accuracy by stage")
+    left.legend(fontsize=8)
+    losses = [r.get("val_loss", float("nan")) for r in results]
+    bars = right.bar(names, losses, color=[f"C{i}" for i in range(len(results))])
+    right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.set_ylabel("nats / token")
+    right.set_title("val loss on pretraining text")
+    for ax in (left, right):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(cfg: EvalConfig) -> dict:
     results = []
     for checkpoint in cfg.checkpoints():
@@ -319,6 +359,8 @@ def main(cfg: EvalConfig) -> dict:
         print(f"{checkpoint}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if cfg.compare:
         print(format_table(results))
+        if cfg.plot:
+            print(f"summary figure: {plot_summary(results, cfg.plot)}")
         out = {"compare": results}
     else:
         out = results[0]

@@ -194,13 +194,15 @@ def test_compare_prints_a_table_then_json(ckpt, tmp_path, capsys):
     Transformer.from_pretrained(ckpt).save_pretrained(second, tokenizer_dir=ckpt)
     text = tmp_path / "t.txt"
     text.write_text("A dog finds the long road after dinner.\n")
-    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices="]
+    png = tmp_path / "summary.png"
+    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices=", f"plot={png}"]
     lines = run_eval(argv, capsys).strip().splitlines()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the summary figure was drawn
     final = json.loads(lines[-1])
     assert [r["checkpoint"] for r in final["compare"]] == [ckpt, second]
     header = next(i for i, line in enumerate(lines) if line.startswith("metric"))
     assert ckpt in lines[header] and second in lines[header]
-    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1 : -1]}
+    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1 : -1] if not line.startswith("summary")}
     assert set(table) == {"val_loss", "val_ppl", "val_bpb"}
     assert float(table["val_loss"][0]) == pytest.approx(final["compare"][0]["val_loss"], abs=1e-4)
 
