@@ -28,6 +28,11 @@ What is measured (each part is skipped when its input is set to ""):
                           the same as its character-normalised `acc_norm` for ASCII choices);
     choice_acc_token_norm argmax of summed log-prob / number of choice tokens.
   A sum favours short choices (fewer negative terms); normalising removes that bias.
+    choice_chat_acc       the same choices scored as the assistant's answer to the row's "prompt" in the chat
+                          format (rows from tasks.py have one), answer tokens and the closing <|end|>: the
+                          format SFT and DPO train on. The doctest form ">>> expr" is what pretraining text
+                          holds, but a 4M model that read 1.2M tokens of it never learned to evaluate Python
+                          there, so the other three stay at chance (0.25) for every stage.
 
 The last line of stdout is one JSON object with every metric (ARCHITECTURE.md, contract 4); with
 `compare=` a table comes first and the JSON holds one entry per checkpoint.
@@ -174,15 +179,21 @@ def encode_choice(tokenizer, context: str, choice: str) -> tuple[list[int], list
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[tuple[float, int]]]:
+def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16, chat: bool = False):
     """For each row, for each choice: (sum of log p(choice token | context and earlier choice tokens), number of
-    choice tokens). Sequences longer than the model context lose their oldest context tokens."""
+    choice tokens). Sequences longer than the model context lose their oldest context tokens.
+
+    chat=True scores each choice as the assistant's answer to the row's "prompt" in the chat format the SFT
+    and DPO models were trained on (render_prompt_completion: the choice's tokens and the closing <|end|>)."""
     device = next(model.parameters()).device
     limit = model.config.max_position_embeddings + 1
     pairs, owner = [], []  # (input, target) with targets -1 on the context; owner = (row, choice)
     for r, row in enumerate(rows):
         for c, choice in enumerate(row["choices"]):
-            ctx, cont = encode_choice(tokenizer, row["context"], choice)
+            if chat:
+                ctx, cont = tokenizer.render_prompt_completion(row["prompt"], choice)
+            else:
+                ctx, cont = encode_choice(tokenizer, row["context"], choice)
             seq = np.array((ctx + cont)[-limit:], dtype=np.int64)
             target = seq[1:].copy()
             target[: len(seq) - 1 - len(cont)] = -1  # score only the choice tokens
@@ -197,10 +208,10 @@ def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) ->
     return scores
 
 
-def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16) -> dict:
+def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, chat: bool = False) -> dict:
     """acc (raw sum), acc_norm (per UTF-8 byte of the choice), acc_token_norm (per choice token), n; ties go
-    to the first choice."""
-    scores = choice_logprobs(model, tokenizer, rows, batch_size)
+    to the first choice. chat: as in choice_logprobs."""
+    scores = choice_logprobs(model, tokenizer, rows, batch_size, chat)
     hits = {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
     for row, row_scores in zip(rows, scores, strict=True):
         logp = np.array([s for s, _ in row_scores])
@@ -282,6 +293,9 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
     if cfg.choices:
         rows = _load(cfg.choices, {"context": str, "choices": list, "label": int})[: cfg.limit or None]
         metrics |= {f"choice_{k}": v for k, v in choice_accuracy(model, tokenizer, rows, 2 * cfg.batch_size).items()}
+        if all("prompt" in r for r in rows):  # the built-in rows: also the same choices asked as a chat question
+            chat = choice_accuracy(model, tokenizer, rows, 2 * cfg.batch_size, chat=True)
+            metrics["choice_chat_acc"] = chat["acc"]
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     return metrics
 
@@ -294,6 +308,7 @@ TABLE_ROWS = (
     "choice_acc",
     "choice_acc_norm",
     "choice_acc_token_norm",
+    "choice_chat_acc",
     "vqa_acc",
     "caption_acc",
 )

@@ -290,12 +290,12 @@ def main(cfg: SFTConfig) -> None:
             batches = [add_replay(*b, xr[m * k : (m + 1) * k], yr[m * k : (m + 1) * k]) for m, b in enumerate(batches)]
         # Normalize by the target tokens of the whole step on all ranks; DDP averages gradients over ranks,
         # so each rank divides by the mean count: the result is sum(token losses) / count(all tokens).
-        counts = [sum(int((y[:n] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True)),
-                  sum(int((y[n:] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True)),
-                  sum(x.numel() for x, _, _ in batches)]  # fmt: skip
-        counts = tc.all_reduce_mean(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
-        denom, replay_denom = max(counts[0], 1.0), max(counts[1], 1.0)
-        sampler.tokens += round(counts[2] * run.world_size)  # padded tokens processed, all ranks
+        sft_targets = sum(int((y[:n] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True))
+        replay_targets = sum(int((y[n:] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True))
+        counts = torch.tensor([sft_targets, replay_targets, sum(x.numel() for x, _, _ in batches)], dtype=torch.float64)
+        n_targets, n_replay, n_rows = tc.all_reduce_mean(counts.to(device)).tolist()
+        denom, replay_denom = max(n_targets, 1.0), max(n_replay, 1.0)
+        sampler.tokens += round(n_rows * run.world_size)  # padded tokens processed, all ranks
         loss_sum = torch.zeros((), device=device)  # summed on device: no host sync until logging
         replay_sum = torch.zeros((), device=device)
         for micro, ((x, y, doc), n) in enumerate(zip(batches, n_sft, strict=True)):

@@ -3,6 +3,7 @@
     python prepare_data.py configs/data_builtin.yaml && python train_pretrain.py configs/pretrain_tiny.yaml
     python benchmarks/bench_forgetting.py                                  # every variant, 300 steps each
     python benchmarks/bench_forgetting.py --steps 100 --only demo,lr_1e-3  # a quick look at two of them
+    python benchmarks/bench_forgetting.py --no-train                       # score the runs already in out/
 
 Each variant is `python train_sft.py configs/sft_tiny.yaml` with a few keys changed (VARIANTS below), from
 the same base (out/pretrain), in its own out dir (out/bench_forgetting/NAME). Then, for the merged model:
@@ -12,7 +13,9 @@ the same base (out/pretrain), in its own out dir (out/bench_forgetting/NAME). Th
                 model putting probability on `<|end|>` inside plain text, this would fall back to the base;
 - chat_mass     the mean probability the model gives the chat markers at a plain-text position;
 - loss<256 / loss>=256  the loss at positions the base was pretrained on (seq_len 256) and beyond them;
-- task_acc      held-out exact match on 300 built-in tasks (train_sft's final evaluation).
+- task_acc      held-out exact match on 300 built-in tasks (train_sft's final evaluation);
+- dW/W          how far fine-tuning moved the weights: ||W_merged - W_base|| / ||W_base|| (Frobenius), the mean
+                over the matrices that changed. LoRA updates in real fine-tunes are a few percent of the weights.
 The forgetting is val_loss minus the base's; a fix must cut it without cutting task_acc.
 """
 
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from safetensors.torch import load_file  # noqa: E402
 
 from generation import load_for_inference  # noqa: E402
 from shards import read_shard  # noqa: E402
@@ -74,6 +79,13 @@ def text_metrics(checkpoint: str, data_dir: str, max_tokens: int) -> dict:
             "loss<256": nll[:, :256].mean().item(), "loss>=256": nll[:, 256:].mean().item()}  # fmt: skip
 
 
+def relative_update(base: str, merged: str) -> float:
+    """Mean over the weight matrices that changed of ||W_merged - W_base|| / ||W_base||."""
+    a, b = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(merged, "model.safetensors"))
+    ratios = [float((b[k] - a[k]).norm() / a[k].norm()) for k in a if a[k].dim() == 2 and not torch.equal(a[k], b[k])]
+    return sum(ratios) / max(len(ratios), 1)
+
+
 def run_variant(name: str, keys: list[str], base: str, steps: int) -> tuple[str, dict, float]:
     """Train one variant; (merged checkpoint dir, its last task-accuracy record, seconds)."""
     out = os.path.join("out/bench_forgetting", name)
@@ -96,6 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--max-tokens", type=int, default=1 << 30, help="val tokens to score (default: all)")
+    ap.add_argument("--no-train", action="store_true", help="score the variants' existing out dirs, train nothing")
     args = ap.parse_args()
     os.chdir(ROOT)
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -103,17 +116,22 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     print(f"threads {torch.get_num_threads()}, {args.steps} SFT steps per variant, base {args.base}")
-    header = (
-        f"{'variant':<16}{'val_loss':>9}{'no_chat':>9}{'chat_mass':>10}{'loss<256':>9}{'loss>=256':>10}{'task_acc':>9}"
-    )
+    print(f"{'variant':<16}{'val_loss':>9}{'no_chat':>9}{'chat_mass':>10}{'loss<256':>9}{'loss>=256':>10}{'task_acc':>9}"
+          f"{'dW/W':>7}")  # fmt: skip
     rows = [("base", text_metrics(args.base, args.data, args.max_tokens), None)]
-    print(header + f"\n{'base':<16}" + "".join(f"{v:>9.4f}" for v in rows[0][1].values()), flush=True)
+    print(f"{'base':<16}" + "".join(f"{v:>9.4f}" for v in rows[0][1].values()), flush=True)
     for name in names:
-        merged, acc, seconds = run_variant(name, VARIANTS[name], args.base, args.steps)
-        m = text_metrics(merged, args.data, args.max_tokens)
+        if args.no_train:
+            merged, seconds = os.path.join("out/bench_forgetting", name, "merged"), 0.0
+            with open(os.path.join("out/bench_forgetting", name, "log.jsonl")) as fh:
+                acc = [r for r in map(json.loads, fh) if "task_acc" in r][-1]
+        else:
+            merged, acc, seconds = run_variant(name, VARIANTS[name], args.base, args.steps)
+        m = text_metrics(merged, args.data, args.max_tokens) | {"dW/W": relative_update(args.base, merged)}
         rows.append((name, m, acc))
         cells = f"{m['val_loss']:>9.4f}{m['no_chat']:>9.4f}{m['chat_mass']:>10.4f}{m['loss<256']:>9.4f}"
-        print(f"{name:<16}{cells}{m['loss>=256']:>10.4f}{acc['task_acc']:>9.3f}   ({seconds:.0f} s)", flush=True)
+        cells += f"{m['loss>=256']:>10.4f}{acc['task_acc']:>9.3f}{m['dW/W']:>7.3f}"
+        print(f"{name:<16}{cells}   ({seconds:.0f} s)", flush=True)
     print(json.dumps([{"variant": n, **m, **({"task_acc": a["task_acc"]} if a else {})} for n, m, a in rows]))
 
 

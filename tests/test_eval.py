@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import MICRO_MODEL
 
 import eval as ev
+import finetune
 import generation
 import tasks
 from config import UserError, run_cli
@@ -158,6 +159,20 @@ def test_choice_boundary_comes_from_the_joint_tokenization(ckpt):
     assert ctx + cont == [tok.bos_id] + tok.encode("The cat sees the red ball")
 
 
+def test_chat_choices_score_the_assistant_answer(ckpt, tiny_data_dir):
+    """chat=True: a choice's log-prob is minus the SFT loss of the chat whose assistant turn is that choice
+    (render_chat's mask: answer tokens and <|end|>), computed here through finetune.render_example instead."""
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
+    rows = [{"prompt": "len('abc') = ?", "choices": ["3", "'abc'"], "label": 0, "context": ">>> len('abc')\n"}]
+    scores = ev.choice_logprobs(model, tok, rows, chat=True)
+    for choice, (logp, n) in zip(rows[0]["choices"], scores[0], strict=True):
+        messages = [{"role": "user", "content": rows[0]["prompt"]}, {"role": "assistant", "content": choice}]
+        x, y = finetune.render_example(tok, messages, 64)
+        with torch.no_grad():
+            want = -float(model(torch.tensor([x]), torch.tensor([y]), loss_reduction="sum"))
+        assert logp == pytest.approx(want, rel=1e-5) and n == sum(t != -1 for t in y)
+
+
 # ----------------------------------------------------------------------------- exact match
 
 
@@ -182,7 +197,8 @@ def test_cli_prints_json_last_line(ckpt, tiny_data_dir, capsys):
             f"choices={tiny_data_dir}/choice_test.jsonl", "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
     out = run_eval(argv, capsys)
     metrics = json.loads(out.strip().splitlines()[-1])
-    for key in ("val_loss", "val_ppl", "val_bpb", "task_acc", "choice_acc", "choice_acc_norm", "choice_acc_token_norm"):
+    keys = ("val_loss", "val_ppl", "val_bpb", "task_acc", "choice_acc", "choice_acc_norm", "choice_acc_token_norm")
+    for key in (*keys, "choice_chat_acc"):
         assert isinstance(metrics[key], float), key
     assert metrics["task_n"] == metrics["choice_n"] == 12 and metrics["checkpoint"] == ckpt
     assert 0 <= metrics["choice_acc"] <= 1 and metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
