@@ -7,8 +7,8 @@
 
 Each variant is `python train_sft.py configs/sft_tiny.yaml` with a few keys changed (VARIANTS below), from
 the same base (out/pretrain), in its own out dir (out/bench_forgetting/NAME). Then, for the merged model:
-- val_loss      nats per token on the pretraining val shards at the model's full context (what eval.py
-                reports; the base model's number is the first row);
+- val_loss      nats per token on the pretraining val shards in whole windows of the model's context (eval.py
+                also scores the last partial window, so its number differs in the second decimal);
 - no_chat       the same loss with the four chat markers removed from the softmax: if forgetting were the
                 model putting probability on `<|end|>` inside plain text, this would fall back to the base;
 - chat_mass     the mean probability the model gives the chat markers at a plain-text position;
