@@ -57,8 +57,8 @@ dpo: $(DPO)
 $(DPO): $(SFT) $(_force)
 	$(PY) train_dpo.py configs/dpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
-eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy
-	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged
+eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy; out/summary.png
+	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged plot=out/summary.png
 
 samples: $(DPO)   ## a few answers from each stage
 	@for ckpt in out/pretrain out/sft/merged out/dpo/merged; do \

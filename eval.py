@@ -3,6 +3,7 @@
     python eval.py checkpoint=out/pretrain                           # everything, on data/builtin
     python eval.py checkpoint=out/sft data=notes/*.txt tasks= choices=   # only the text loss of some files
     python eval.py compare=out/pretrain,out/sft,out/dpo              # side-by-side table: base -> SFT -> DPO
+    python eval.py compare=out/pretrain,out/sft,out/dpo plot=out/summary.png   # ... and the summary figure
     python eval.py --help
 
 What is measured (each part is skipped when its input is set to ""):
@@ -27,6 +28,11 @@ What is measured (each part is skipped when its input is set to ""):
                           the same as its character-normalised `acc_norm` for ASCII choices);
     choice_acc_token_norm argmax of summed log-prob / number of choice tokens.
   A sum favours short choices (fewer negative terms); normalising removes that bias.
+    choice_chat_acc       the same choices scored as the assistant's answer to the row's "prompt" in the chat
+                          format (rows from tasks.py have one), answer tokens and the closing <|end|>: the
+                          format SFT and DPO train on. The doctest form ">>> expr" is what pretraining text
+                          holds, but a 4M model that read 1.2M tokens of it never learned to evaluate Python
+                          there, so the other three stay at chance (0.25) for every stage.
 
 The last line of stdout is one JSON object with every metric (ARCHITECTURE.md, contract 4); with
 `compare=` a table comes first and the JSON holds one entry per checkpoint.
@@ -164,15 +170,21 @@ def encode_choice(tokenizer, context: str, choice: str) -> tuple[list[int], list
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[tuple[float, int]]]:
+def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16, chat: bool = False):
     """For each row, for each choice: (sum of log p(choice token | context and earlier choice tokens), number of
-    choice tokens). Sequences longer than the model context lose their oldest context tokens."""
+    choice tokens). Sequences longer than the model context lose their oldest context tokens.
+
+    chat=True scores each choice as the assistant's answer to the row's "prompt" in the chat format the SFT
+    and DPO models were trained on (render_prompt_completion: the choice's tokens and the closing <|end|>)."""
     device = next(model.parameters()).device
     limit = model.config.max_position_embeddings + 1
     pairs, owner = [], []  # (input, target) with targets -1 on the context; owner = (row, choice)
     for r, row in enumerate(rows):
         for c, choice in enumerate(row["choices"]):
-            ctx, cont = encode_choice(tokenizer, row["context"], choice)
+            if chat:
+                ctx, cont = tokenizer.render_prompt_completion(row["prompt"], choice)
+            else:
+                ctx, cont = encode_choice(tokenizer, row["context"], choice)
             seq = np.array((ctx + cont)[-limit:], dtype=np.int64)
             target = seq[1:].copy()
             target[: len(seq) - 1 - len(cont)] = -1  # score only the choice tokens
@@ -187,10 +199,10 @@ def choice_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) ->
     return scores
 
 
-def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16) -> dict:
+def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, chat: bool = False) -> dict:
     """acc (raw sum), acc_norm (per UTF-8 byte of the choice), acc_token_norm (per choice token), n; ties go
-    to the first choice."""
-    scores = choice_logprobs(model, tokenizer, rows, batch_size)
+    to the first choice. chat: as in choice_logprobs."""
+    scores = choice_logprobs(model, tokenizer, rows, batch_size, chat)
     hits = {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
     for row, row_scores in zip(rows, scores, strict=True):
         logp = np.array([s for s, _ in row_scores])
@@ -218,6 +230,7 @@ class EvalConfig:
     vqa: str = ""  # VLM checkpoints: VQA exact match on builtin | a vlm_data.py folder | a LLaVA json with answers
     max_new_tokens: int = 24  # generation budget per task answer
     batch_size: int = 8  # sequences per forward
+    plot: str = ""  # with compare=: also draw accuracy by stage and family and val loss by stage into this PNG
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     quantize: str = ""  # nf4: block linears stored in 4 bits (lora.quantize_nf4); "" = as loaded
@@ -237,6 +250,8 @@ class EvalConfig:
             errors.append("seq_len, max_tokens and limit must be >= 0")
         if self.batch_size <= 0 or self.max_new_tokens <= 0:
             errors.append("batch_size and max_new_tokens must be > 0")
+        if self.plot and not self.plot.endswith(".png"):
+            errors.append(f"plot: '{self.plot}' must be a .png path")
         return errors
 
     def checkpoints(self) -> list[str]:
@@ -271,6 +286,9 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
     if cfg.choices:
         rows = _load(cfg.choices, {"context": str, "choices": list, "label": int})[: cfg.limit or None]
         metrics |= {f"choice_{k}": v for k, v in choice_accuracy(model, tokenizer, rows, 2 * cfg.batch_size).items()}
+        if all("prompt" in r for r in rows):  # the built-in rows: also the same choices asked as a chat question
+            chat = choice_accuracy(model, tokenizer, rows, 2 * cfg.batch_size, chat=True)
+            metrics["choice_chat_acc"] = chat["acc"]
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     return metrics
 
@@ -283,6 +301,7 @@ TABLE_ROWS = (
     "choice_acc",
     "choice_acc_norm",
     "choice_acc_token_norm",
+    "choice_chat_acc",
     "vqa_acc",
     "caption_acc",
 )
@@ -304,6 +323,42 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_summary(results: list[dict], path: str) -> str:
+    """One PNG of the compare= results: held-out task accuracy per stage (all tasks and each family) on the
+    left, val loss on the pretraining text per stage on the right. The picture of what each stage did:
+    SFT should raise the bars on the left without raising the one on the right."""
+    import matplotlib  # lazy: pyplot takes ~1 s to import and only compare=... plot= needs it
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = [os.path.basename(r["checkpoint"].rstrip("/").removesuffix("/merged")) or r["checkpoint"] for r in results]
+    families = sorted({f for r in results for f in r.get("task_by_family", {})})
+    groups = ["all", *families]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / max(len(results), 1)
+    for i, (name, r) in enumerate(zip(names, results, strict=True)):
+        accs = [r.get("task_acc", 0.0)] + [r.get("task_by_family", {}).get(f, 0.0) for f in families]
+        bars = left.bar([g + (i - (len(results) - 1) / 2) * width for g in range(len(groups))], accs, width, label=name)
+        left.bar_label(bars, fmt="%.2f", fontsize=7)
+    left.set_xticks(range(len(groups)), [f"{g} tasks" for g in groups])
+    left.set_ylabel("held-out exact match")
+    left.set_ylim(0, 1)
+    left.set_title("task accuracy by stage")
+    left.legend(fontsize=8)
+    losses = [r.get("val_loss", float("nan")) for r in results]
+    bars = right.bar(names, losses, color=[f"C{i}" for i in range(len(results))])
+    right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.set_ylabel("nats / token")
+    right.set_title("val loss on pretraining text")
+    for ax in (left, right):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(cfg: EvalConfig) -> dict:
     results = []
     for checkpoint in cfg.checkpoints():
@@ -312,6 +367,8 @@ def main(cfg: EvalConfig) -> dict:
         print(f"{checkpoint}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if cfg.compare:
         print(format_table(results))
+        if cfg.plot:
+            print(f"summary figure: {plot_summary(results, cfg.plot)}")
         out = {"compare": results}
     else:
         out = results[0]

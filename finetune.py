@@ -3,6 +3,8 @@
 - the data: conversations from a .jsonl file or a dataset (`load_conversations`), one conversation rendered
   into (x, y) with the loss on assistant tokens only (`render_example`), a micro-batch right-padded
   (`collate`) or packed into few rows (`pack`), and a seeded, resumable example order (`ExampleSampler`);
+- replay: rows of pretraining text that join each SFT micro-batch against forgetting (`replay_stream`,
+  `add_replay`);
 - the held-out loss per assistant token (`val_loss`);
 - the base model with LoRA / QLoRA applied (`load_base`), named by a dir or a hub id (`resolve_base`), its
   size for a dry run (`plan_base_config`), and the parallel modes adapters accept (`sharding_errors`).
@@ -12,6 +14,7 @@ The loops themselves live in train_sft.py, train_dpo.py and train_grpo.py.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -23,6 +26,7 @@ from config import UserError
 from hf_checkpoint import resolve_checkpoint
 from launch import is_sharded
 from model import ModelConfig, Transformer
+from shards import TokenStream
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- data
@@ -158,6 +162,49 @@ class ExampleSampler:
         if d.get("n", self.n) != self.n:
             raise UserError(f"resume: the checkpoint was trained on {d['n']} examples, this data has {self.n}")
         self.epoch, self.pos, self.tokens = d["epoch"], d["pos"], d.get("tokens", 0)
+
+
+# ----------------------------------------------------------------------------- replay of pretraining text
+# Fine-tuning on a narrow task moves the weights wherever that task's loss goes, and nothing holds the rest of
+# what the model knew: the loss on its pretraining text climbs (catastrophic forgetting; McCloskey & Cohen
+# 1989). The standard remedy is to keep some of that text in the mix: InstructGPT adds the pretraining loss to
+# its RL objective ("PPO-ptx", Ouyang et al. 2022), and continual-training recipes replay a few percent of the
+# old data. Here each micro-batch gets a few rows of the base model's own training shards.
+
+
+def replay_stream(data_dir: str, rows_per_step: int, seq_len: int, tokenizer, rank: int, world_size: int, seed: int):
+    """A TokenStream over data_dir's train shards: each next_batch() gives this rank `rows_per_step` rows of
+    seq_len tokens for one optimizer step. Refuses shards made by another tokenizer (their ids mean other text)."""
+    with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as fh:
+        sha = json.load(fh).get("tokenizer_sha256")
+    if sha and getattr(tokenizer, "sha256", None) and sha != tokenizer.sha256:
+        raise UserError(f"replay_data: {data_dir} was tokenized with another tokenizer than the model's")
+    try:
+        return TokenStream(data_dir, "train", rows_per_step, seq_len, rank, world_size, seed=seed)
+    except ValueError as e:
+        raise UserError(f"replay_data: {e}") from None
+
+
+def seek(stream: TokenStream, steps: int) -> None:
+    """Put the stream where it is after `steps` next_batch() calls: a resumed run replays the same rows
+    without saving the position (it is a function of the step)."""
+    epoch, batch = divmod(steps, stream.batches_per_epoch)
+    stream.load_state_dict({"epoch": epoch, "row": batch * stream.global_batch, "seed": stream.seed,
+                            "n_rows": stream.n_rows})  # fmt: skip
+
+
+def add_replay(x, y, doc, xr, yr):
+    """Append replay rows xr, yr (k, >=T) to a micro-batch x, y (R, T) -> x, y, doc of (R + k, T).
+
+    Each replay row is cut to the micro-batch's width T, so it adds no padding (packed micro-batches are
+    seq_len wide, padded ones as wide as their longest chat); every token of it is a target. With packing each
+    replay row is a document of its own (ids after the chats'). The first R rows stay the SFT rows."""
+    T = x.shape[1]
+    xr, yr = xr[:, :T], yr[:, :T]  # (k, T)
+    if doc is not None:
+        first = int(doc.max()) + 1
+        doc = torch.cat([doc, first + torch.arange(len(xr))[:, None].expand(-1, T)])  # (R + k, T)
+    return torch.cat([x, xr]), torch.cat([y, yr]), doc
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -288,9 +288,12 @@ def plot_loss_curve(out_dir: str, title: str) -> str | None:
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    replay = [(r["step"], r["replay_loss"]) for r in rows if "replay_loss" in r]  # SFT/DPO with replay_data
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
+    if replay:
+        ax.plot(*zip(*replay, strict=True), label="loss on replayed pretraining text")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="val loss")
     ax.set_xlabel("step")

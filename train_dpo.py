@@ -60,7 +60,17 @@ import lora
 import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
-from finetune import ExampleSampler, collate, load_base, pack, plan_base_config, resolve_base, sharding_errors
+from finetune import (
+    ExampleSampler,
+    collate,
+    load_base,
+    pack,
+    plan_base_config,
+    replay_stream,
+    resolve_base,
+    seek,
+    sharding_errors,
+)
 from launch import attn_impl_errors, dry_run, resolve_attn_impl
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
@@ -316,6 +326,11 @@ class DPOConfig(tc.TrainConfig):
     micro_batch_size: int = 8  # pairs per forward/backward on one rank (2x rows in the forward)
     seq_len: int = 128  # max tokens of prompt + completion (the prompt is cut from the left beyond it)
     pack: bool = False  # pack each micro-batch's 2B sequences into fewer seq_len rows: same log-probs, less padding
+    replay_data: str = (
+        ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
+    )
+    replay_rows: int = 2  # replay rows of seq_len tokens per micro-batch
+    replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the DPO loss
     lr: float = 5e-5  # peak learning rate
     min_lr: float = 5e-6  # learning rate at the end of the decay
     warmup_steps: int = 10  # linear warmup from 0 to lr
@@ -362,6 +377,11 @@ class DPOConfig(tc.TrainConfig):
             errors.append("seq_len must be >= 16 (room for a prompt and a completion)")
         if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
             errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
+        if self.replay_data:
+            meta = os.path.join(self.replay_data, "meta.json")
+            self.check_path(errors, "replay_data", self.replay_data, "prepared data dir (meta.json)", probe=meta)
+        if self.replay_rows < 1 or self.replay_weight < 0:
+            errors.append("replay_rows must be >= 1 and replay_weight >= 0")
         return errors
 
 
@@ -398,6 +418,10 @@ def main(cfg: DPOConfig) -> None:
         except ValueError as e:
             raise UserError(str(e)) from None
     sampler = ExampleSampler(len(pairs), cfg.seed)
+    replay = None
+    if cfg.replay_data:  # rows of pretraining text for every micro-batch, as in train_sft (finetune.py: replay)
+        replay = replay_stream(cfg.replay_data, cfg.replay_rows * run.accum, cfg.seq_len, tokenizer, run.rank,
+                               run.world_size, cfg.seed)  # fmt: skip
     run.print(f"data: {len(pairs)} pairs, {sum(len(p) + len(c) + len(r) for p, c, r in pairs):,} tokens")
 
     # ---- model ----
@@ -439,6 +463,8 @@ def main(cfg: DPOConfig) -> None:
 
     # ---- training loop ----
     step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
+    if replay is not None:
+        seek(replay, step)  # its position is a function of the step: nothing to save
     if step == 0 and cfg.eval_at_start:
         evaluate(0)  # the starting model's accuracy, for the before/after comparison
     t_last, tokens_last = time.perf_counter(), sampler.tokens
@@ -451,6 +477,9 @@ def main(cfg: DPOConfig) -> None:
         mine = sampler.take(cfg.batch_size)[run.rank :: run.world_size]
         # loss, chosen/rejected rewards, accuracy, margin, chosen/rejected log-probs: summed on device
         sums = torch.zeros(7, device=device)
+        replay_sum = torch.zeros((), device=device)
+        if replay is not None:
+            xr, yr = replay.next_batch()  # (accum * replay_rows, seq_len) each
         for micro in range(run.accum):
             idx = mine[micro * mb : (micro + 1) * mb]
             batch = batch_to(make_batch([pairs[i] for i in idx], tokenizer.pad_id, pack_len), device)
@@ -476,7 +505,14 @@ def main(cfg: DPOConfig) -> None:
                     losses = losses + cfg.rpo_alpha * (-pol_c / n_chosen)
                 # Each micro-batch holds the same number of pairs: the mean over one, divided by accum,
                 # sums to the mean over the whole step (DDP then averages the ranks).
-                run.scaler.scale((losses.mean() + aux) / run.accum).backward()
+                total = losses.mean() + aux
+                if replay is not None:  # the policy's mean loss on pretraining text, its own forward
+                    rows = slice(micro * cfg.replay_rows, (micro + 1) * cfg.replay_rows)
+                    with run.autocast:
+                        replay_loss = step_model(xr[rows].to(device), yr[rows].to(device))
+                    total = total + cfg.replay_weight * replay_loss
+                    replay_sum += replay_loss.detach() / run.accum
+                run.scaler.scale(total / run.accum).backward()
             metrics = [
                 losses.detach(),
                 rew_c,
@@ -515,6 +551,8 @@ def main(cfg: DPOConfig) -> None:
             record = {"step": step, **dict(zip(names, means.tolist(), strict=True)), "lr": lr,
                       "tokens": sampler.tokens, "tok_per_s": tok_per_s, "grad_norm": grad_norm.item(),
                       "epoch": sampler.epoch}  # fmt: skip
+            if replay is not None:
+                record["replay_loss"] = tc.all_reduce_mean(replay_sum).item()  # on the pretraining text
             run.log(record)
             if run.progress is not None:
                 run.progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['rewards/accuracy']:.2f}")

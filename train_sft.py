@@ -20,6 +20,9 @@ What it does
 - Every assistant token of a step weighs the same: the summed loss of all micro-batches is divided
   by the number of target tokens in the whole step (over ranks too). Dividing each micro-batch's
   mean by `accum`, as pretraining does, would over-weight tokens in micro-batches with short answers.
+- `replay_data=DIR` adds `replay_rows` rows of DIR's pretraining text to every micro-batch, their own mean
+  loss weighted by `replay_weight` (finetune.py, replay). Without it, 300 steps on short answers made the
+  demo model forget its pretraining (3.76 -> 7.97 nats on that text; benchmarks/bench_forgetting.py).
 
 Padding, or packing (the key data choice)
   By default each micro-batch is right-padded to its longest example (capped at `seq_len`), pad
@@ -68,13 +71,16 @@ from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
     ExampleSampler,
+    add_replay,
     collate,
     load_base,
     load_conversations,
     pack,
     plan_base_config,
     render_example,
+    replay_stream,
     resolve_base,
+    seek,
     sharding_errors,
     val_loss,
 )
@@ -117,6 +123,11 @@ class SFTConfig(tc.TrainConfig):
     attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
     pack: bool = False  # pack each micro-batch's conversations into fewer seq_len rows: same loss, less padding
+    replay_data: str = (
+        ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
+    )
+    replay_rows: int = 2  # replay rows per micro-batch, each as wide as the micro-batch it joins
+    replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the SFT loss
     # SFT defaults differ from pretraining: fewer steps, short warmup, no weight decay on adapters.
     steps: int = 300  # optimizer steps in the whole run
     lr: float = 2e-4  # peak learning rate
@@ -148,6 +159,11 @@ class SFTConfig(tc.TrainConfig):
         if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
             errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
         errors += attn_impl_errors(self)
+        if self.replay_data:
+            meta = os.path.join(self.replay_data, "meta.json")
+            self.check_path(errors, "replay_data", self.replay_data, "prepared data dir (meta.json)", probe=meta)
+        if self.replay_rows < 1 or self.replay_weight < 0:
+            errors.append("replay_rows must be >= 1 and replay_weight >= 0")
         if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
             errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
         return errors
@@ -199,6 +215,13 @@ def main(cfg: SFTConfig) -> None:
             raise UserError(str(e)) from None
         task_rows = [r for r in task_rows if not cfg.families or r.get("family") in cfg.families][: cfg.eval_tasks_n]
     sampler = ExampleSampler(len(train), cfg.seed)
+    replay = None
+    if cfg.replay_data:  # rows of pretraining text for every micro-batch of this rank (finetune.py: replay)
+        replay = replay_stream(cfg.replay_data, cfg.replay_rows * run.accum, cfg.seq_len, tokenizer, run.rank,
+                               run.world_size, cfg.seed)  # fmt: skip
+        run.print(
+            f"replay: {cfg.replay_rows} rows of {cfg.replay_data} text per micro-batch, weight {cfg.replay_weight}"
+        )
     n_tokens = sum(len(x) for x, _ in train)
     n_targets = sum(sum(t != -1 for t in y) for _, y in train)
     run.print(f"data: {len(train)} conversations, {n_tokens:,} tokens, {n_targets:,} assistant tokens (trained on)")
@@ -239,6 +262,8 @@ def main(cfg: SFTConfig) -> None:
 
     # ---- training loop ----
     step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
+    if replay is not None:
+        seek(replay, step)  # its position is a function of the step: nothing to save
     if extended and run.master:  # written only now: a run that stops at start-up leaves out_dir untouched
         tokenizer.save(tok_dir)
     if step == 0 and cfg.eval_at_start:
@@ -256,21 +281,33 @@ def main(cfg: SFTConfig) -> None:
             batches = [pack(chunk, tokenizer.pad_id, cfg.seq_len) for chunk in chunks]
         else:
             batches = [(*collate(chunk, tokenizer.pad_id), None) for chunk in chunks]
+        n_sft = [len(x) for x, _, _ in batches]  # the first rows of each micro-batch are chats, any others replay
+        if replay is not None:
+            xr, yr = replay.next_batch()  # (accum * replay_rows, seq_len) each
+            k = cfg.replay_rows
+            batches = [add_replay(*b, xr[m * k : (m + 1) * k], yr[m * k : (m + 1) * k]) for m, b in enumerate(batches)]
         # Normalize by the target tokens of the whole step on all ranks; DDP averages gradients over ranks,
         # so each rank divides by the mean count: the result is sum(token losses) / count(all tokens).
-        counts = [sum(int((y != -1).sum()) for _, y, _ in batches), sum(x.numel() for x, _, _ in batches)]
-        n_targets, n_rows = tc.all_reduce_mean(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
-        denom = max(n_targets, 1.0)
+        sft_targets = sum(int((y[:n] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True))
+        replay_targets = sum(int((y[n:] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True))
+        counts = torch.tensor([sft_targets, replay_targets, sum(x.numel() for x, _, _ in batches)], dtype=torch.float64)
+        n_targets, n_replay, n_rows = tc.all_reduce_mean(counts.to(device)).tolist()
+        denom, replay_denom = max(n_targets, 1.0), max(n_replay, 1.0)
         sampler.tokens += round(n_rows * run.world_size)  # padded tokens processed, all ranks
         loss_sum = torch.zeros((), device=device)  # summed on device: no host sync until logging
-        for micro, (x, y, doc) in enumerate(batches):
+        replay_sum = torch.zeros((), device=device)
+        for micro, ((x, y, doc), n) in enumerate(zip(batches, n_sft, strict=True)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
             doc = doc.to(device, non_blocking=True) if doc is not None else None  # (B, T) packed rows, or None
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
-                    loss = step_model(x, y, loss_reduction="sum", document_ids=doc) / denom
-                run.scaler.scale(loss).backward()
+                    nll = step_model(x, y, loss_reduction="none", document_ids=doc)  # (B, T), 0 where y is -1
+                    loss = nll[:n].sum() / denom
+                    # Replay rows: their own mean per token, weighted, so that the SFT loss keeps its meaning.
+                    replay_loss = nll[n:].sum() / replay_denom
+                run.scaler.scale(loss + cfg.replay_weight * replay_loss).backward()
             loss_sum += loss.detach()
+            replay_sum += replay_loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per assistant token over the global batch
         # ---- the step: unscale, clip, optimizer.step(), zero_grad ----
         run.scaler.unscale_(optimizer)  # fp16: true-scale gradients before clipping (a no-op in bf16 / fp32)
@@ -296,6 +333,8 @@ def main(cfg: SFTConfig) -> None:
             t_last, tokens_last = now, sampler.tokens
             record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": sampler.tokens,
                       "tok_per_s": tok_per_s, "grad_norm": grad_norm.item(), "epoch": sampler.epoch}  # fmt: skip
+            if replay is not None:
+                record["replay_loss"] = tc.all_reduce_mean(replay_sum).item()  # on the pretraining text
             run.log(record)
             if run.progress is not None:
                 run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_per_s:.0f}")

@@ -10,7 +10,7 @@ and reported as the median over rounds:
 - hf:     transformers' MixtralSparseMoeBlock (per-expert loop with torch.where), when installed.
 The ratio moe/dense is the dispatch overhead; the target is <= 1.5x on CPU.
 
-Run: python benchmarks/bench_moe.py [--tokens 2048] [--hidden 256] [--ffn 512] [--experts 8] [--top-k 2]
+Run: python benchmarks/bench_moe.py [--threads 1] [--tokens 2048] [--hidden 256] [--ffn 512] [--experts 8] [--top-k 2]
 """
 
 import argparse
@@ -53,7 +53,10 @@ def main():
     parser.add_argument("--experts", type=int, default=8, help="E")
     parser.add_argument("--top-k", type=int, default=2, help="K")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:  # the ratio depends on it: one big dense matmul gains more from threads than many small ones
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     C, E, K = args.hidden, args.experts, args.top_k
 

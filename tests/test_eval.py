@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import MICRO_MODEL
 
 import eval as ev
+import finetune
 import generation
 import tasks
 from config import UserError, run_cli
@@ -158,6 +159,20 @@ def test_choice_boundary_comes_from_the_joint_tokenization(ckpt):
     assert ctx + cont == [tok.bos_id] + tok.encode("The cat sees the red ball")
 
 
+def test_chat_choices_score_the_assistant_answer(ckpt, tiny_data_dir):
+    """chat=True: a choice's log-prob is minus the SFT loss of the chat whose assistant turn is that choice
+    (render_chat's mask: answer tokens and <|end|>), computed here through finetune.render_example instead."""
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
+    rows = [{"prompt": "len('abc') = ?", "choices": ["3", "'abc'"], "label": 0, "context": ">>> len('abc')\n"}]
+    scores = ev.choice_logprobs(model, tok, rows, chat=True)
+    for choice, (logp, n) in zip(rows[0]["choices"], scores[0], strict=True):
+        messages = [{"role": "user", "content": rows[0]["prompt"]}, {"role": "assistant", "content": choice}]
+        x, y = finetune.render_example(tok, messages, 64)
+        with torch.no_grad():
+            want = -float(model(torch.tensor([x]), torch.tensor([y]), loss_reduction="sum"))
+        assert logp == pytest.approx(want, rel=1e-5) and n == sum(t != -1 for t in y)
+
+
 # ----------------------------------------------------------------------------- exact match
 
 
@@ -240,6 +255,7 @@ def test_cli_metrics_equal_plain_computations(ckpt, tiny_data_dir, tmp_path, cap
     argv = [f"checkpoint={ckpt}", f"data={tiny_data_dir}", f"tasks={task_file}", f"choices={choice_file}",
             "limit=12", "seq_len=32", "max_new_tokens=6"]  # fmt: skip
     metrics = json.loads(run_eval(argv, capsys).strip().splitlines()[-1])
+    assert isinstance(metrics["choice_chat_acc"], float)
     assert metrics["task_n"] == metrics["choice_n"] == 12 and metrics["checkpoint"] == ckpt
     assert metrics["task_acc"] == 0.5
     loss = plain_shard_loss(model, tiny_data_dir, 32)
@@ -263,13 +279,15 @@ def test_compare_prints_a_table_then_json(ckpt, tmp_path, capsys):
     Transformer.from_pretrained(ckpt).save_pretrained(second, tokenizer_dir=ckpt)
     text = tmp_path / "t.txt"
     text.write_text("A dog finds the long road after dinner.\n")
-    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices="]
+    png = tmp_path / "summary.png"
+    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices=", f"plot={png}"]
     lines = run_eval(argv, capsys).strip().splitlines()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the summary figure was drawn
     final = json.loads(lines[-1])
     assert [r["checkpoint"] for r in final["compare"]] == [ckpt, second]
     header = next(i for i, line in enumerate(lines) if line.startswith("metric"))
     assert ckpt in lines[header] and second in lines[header]
-    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1 : -1]}
+    table = {line.split()[0]: line.split()[1:] for line in lines[header + 1 : -1] if not line.startswith("summary")}
     assert set(table) == {"val_loss", "val_ppl", "val_bpb"}
     # Each column is its own checkpoint's loss on the text, computed by hand (one forward of BOS + text).
     for column, path in enumerate([ckpt, second]):

@@ -243,6 +243,24 @@ def test_packing_trains_like_padding(tiny_data_dir, sft_dir, tmp_path):
     assert lb[-1]["tokens"] < la[-1]["tokens"]  # fewer tokens computed for the same pairs
 
 
+def test_replay_weight_zero_trains_like_no_replay(tiny_data_dir, sft_dir, tmp_path):
+    """replay_data adds a forward on pretraining rows; at weight 0 the DPO update is unchanged (fp32, the same
+    tolerances as packing), at weight 1 it differs and the replay loss is logged."""
+    common = dict(steps=3, finetune="full", eval_tasks="")
+    runs = {
+        "plain": {},
+        "zero": dict(replay_data=tiny_data_dir, replay_weight=0.0),
+        "one": dict(replay_data=tiny_data_dir),
+    }
+    for name, extra in runs.items():
+        run_dpo(dpo_args(tiny_data_dir, sft_dir, str(tmp_path / name), **common, **extra))
+    a, b, c = (load_file(str(tmp_path / name / "model.safetensors")) for name in runs)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=2e-4)
+    assert max(float((c[k] - a[k]).abs().max()) for k in a) > 1e-3
+    assert all(r["replay_loss"] > 0 for r in log_rows(str(tmp_path / "one")) if "loss" in r)
+
+
 def test_exact_resume_and_precomputed_reference(tiny_data_dir, sft_dir, tmp_path):
     """6 steps straight == 3 steps, stop, resume to 6 (bit-identical log and adapter), for the precomputed
     reference; and full fine-tuning with a frozen copy starts from the same first-step loss (ln 2)."""

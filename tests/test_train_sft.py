@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import finetune
 import lora
 import train_sft
-from config import UserError, load_yaml, parse_args
+from config import ConfigError, UserError, load_yaml, parse_args
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -316,6 +316,58 @@ def test_exact_resume_in_a_new_process(tiny_data_dir, micro_base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     evals = [r for r in log_rows(split) if "val_loss" in r]
     assert [r["step"] for r in evals] == [4, 8]  # log.jsonl reads as one clean run
+
+
+# ----------------------------------------------------------------------------- replay of pretraining text
+
+
+def test_replay_rows_are_documents_of_their_own(tiny_data_dir, micro_base):
+    """add_replay appends pretraining rows to a packed micro-batch: each chat and each replay row gets exactly
+    the per-token losses it gets alone (fp32, atol 1e-5), and seek(n) lands where n next_batch() calls do."""
+    tok = Tokenizer(tiny_data_dir)
+    rows = finetune.load_conversations(f"{tiny_data_dir}/sft_train.jsonl")[:6]
+    examples = [finetune.render_example(tok, r["messages"], 64) for r in rows]
+    stream = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, seed=0)
+    xr, yr = stream.next_batch()  # (2, 64)
+    x, y, doc = finetune.pack(examples, tok.pad_id, 64)
+    n = len(x)
+    x, y, doc = finetune.add_replay(x, y, doc, xr, yr)
+    T = x.shape[1]
+    assert x.shape[0] == n + 2 and torch.equal(x[n:], xr[:, :T]) and torch.equal(y[n:], yr[:, :T])
+    model = Transformer.from_pretrained(micro_base)
+    with torch.no_grad():
+        nll = model(x, y, loss_reduction="none", document_ids=doc)  # (R, T)
+        for j in range(2):  # each replay row alone, no packing
+            alone = model(xr[j : j + 1, :T], yr[j : j + 1, :T], loss_reduction="none")[0]
+            torch.testing.assert_close(nll[n + j], alone, rtol=1e-5, atol=1e-5)
+        sft_alone = sum(
+            float(model(torch.tensor([ex[0]]), torch.tensor([ex[1]]), loss_reduction="sum")) for ex in examples
+        )
+    assert float(nll[:n].sum()) == pytest.approx(sft_alone, abs=1e-4)
+    for steps in (0, 1, stream.batches_per_epoch, stream.batches_per_epoch + 3):
+        walked = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, seed=0)
+        for _ in range(steps):
+            walked.next_batch()
+        jumped = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, seed=0)
+        finetune.seek(jumped, steps)
+        assert torch.equal(walked.next_batch()[0], jumped.next_batch()[0]), steps
+
+
+def test_replay_weight_zero_trains_like_no_replay(tiny_data_dir, micro_base, tmp_path):
+    """Replay rows join the batch but, at weight 0, leave the SFT gradient unchanged (fp32, atol 1e-5 as for
+    accumulation); at weight 1 the weights move differently and the replay loss is logged."""
+    plain, zero, one = (str(tmp_path / n) for n in ("plain", "zero", "one"))
+    common = dict(finetune="full", steps=3, pack="true")
+    run_inprocess(sft_args(tiny_data_dir, micro_base, plain, **common))
+    run_inprocess(sft_args(tiny_data_dir, micro_base, zero, replay_data=tiny_data_dir, replay_weight=0.0, **common))
+    run_inprocess(sft_args(tiny_data_dir, micro_base, one, replay_data=tiny_data_dir, **common))
+    a, b, c = (load_file(os.path.join(d, "model.safetensors")) for d in (plain, zero, one))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+    assert max(float((c[k] - a[k]).abs().max()) for k in a) > 1e-4
+    assert all(r["replay_loss"] > 0 for r in log_rows(one) if "loss" in r)
+    with pytest.raises(ConfigError, match="replay_data: no prepared data dir"):
+        run_inprocess(sft_args(tiny_data_dir, micro_base, str(tmp_path / "bad"), replay_data=str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------- what SFT achieves
