@@ -27,9 +27,9 @@ Key choices, each a switch (the defaults are what the ablation in docs/10-rl-grp
   tokens of the batch (DAPO, Yu et al. 2025); dr_grpo = sum over tokens / (completions x max_new_tokens),
   a constant, so no length bias at all (Dr. GRPO).
 - `beta`: the KL pull toward the reference, with Schulman's k3 estimator (2020, "Approximating KL
-  divergence"): exp(ref - logp) - (ref - logp) - 1, unbiased, always >= 0. beta=0 skips the reference.
-  Under LoRA the reference is the base with adapters off (no copy), as train_dpo does; full fine-tuning
-  keeps a frozen copy.
+  divergence"): exp(ref - logp) - (ref - logp) - 1, unbiased, always >= 0. Under LoRA the reference is the
+  base with adapters off (no copy), as train_dpo does; full fine-tuning keeps a frozen copy. beta=0 with
+  track_kl=false never runs the reference.
 - `clip_eps`: PPO's clip of rho to [1 - eps, 1 + eps] (0 = off); it only acts when updates_per_batch > 1.
 - The reward never runs model output: exact match against the row's answer (tasks.exact_match), plus an
   optional `format_reward` when the text parses with ast.literal_eval into the answer's type.
@@ -104,7 +104,7 @@ def grpo_loss(
     """The GRPO loss (minus the objective) of a batch of completions.
 
     logps, old_logps, ref_logps: (B, T) log-probs of the sampled tokens under the policy being trained, the
-    policy that sampled them, the reference (None when beta == 0); advantages (B,); mask (B, T) True on
+    policy that sampled them, the reference (None: no KL, allowed when beta == 0); advantages (B,); mask (B, T) True on
     completion tokens. max_len: the dr_grpo constant (max_new_tokens). n_seqs, n_tokens: the normalizers of
     the whole optimizer step (all micro-batches on this rank); by default this batch's own, which makes the
     result the paper's equation. Returns (loss, {"kl", "clip_frac"}): token means, detached.
@@ -123,9 +123,8 @@ def grpo_loss(
         clipped = bounded < surrogate
         surrogate = torch.minimum(surrogate, bounded)
     per_token = -surrogate  # (B, T) minimize the negative objective
-    kl = torch.zeros_like(m)
+    kl = torch.zeros_like(m) if ref_logps is None else k3_kl(logps, ref_logps)  # (B, T); logged even at beta 0
     if beta > 0:
-        kl = k3_kl(logps, ref_logps)  # (B, T)
         per_token = per_token + beta * kl
     n_seqs = float(m.shape[0]) if n_seqs is None else n_seqs
     if loss_agg == "token":  # every completion token of the step weighs the same (DAPO)
@@ -186,8 +185,9 @@ def read_prompts(path: str, families=()) -> list[tuple[list[dict], str]]:
     for n, row in enumerate(rows, start=1):
         if families and row.get("family") not in families:
             continue
-        if isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "assistant":
-            prompt, answer = row["messages"][:-1], row["messages"][-1].get("content")
+        last = row["messages"][-1] if isinstance(row.get("messages"), list) and row["messages"] else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            prompt, answer = row["messages"][:-1], last.get("content")
         else:
             prompt, answer = row.get("prompt"), row.get("answer", row.get("chosen"))
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -245,7 +245,8 @@ class GRPOConfig(tc.TrainConfig):
     beta: float = 0.0  # weight of the k3 KL penalty toward the reference (0 = off, no reference forward)
     clip_eps: float = 0.2  # PPO clip range of the ratio to the sampling policy (0 = no clipping)
     updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu); > 1 makes the clip act
-    ref: str = "auto"  # reference when beta > 0: auto (adapters_off for (q)lora, copy for full) | adapters_off | copy
+    track_kl: bool = True  # run the reference and log the KL even when beta == 0 (one no-grad forward per batch)
+    ref: str = "auto"  # reference for the KL: auto (adapters_off for (q)lora, copy for full) | adapters_off | copy
     finetune: str = "lora"  # full | lora | qlora
     lora_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -360,8 +361,9 @@ def main(cfg: GRPOConfig) -> None:
     if tokenizer.vocab_size > raw_model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {raw_model.config.vocab_size}")
     run.print(lora.trainable_report(raw_model) if use_lora else f"full: {raw_model.num_parameters():,} trainable")
-    # Full fine-tuning keeps the starting weights as the reference: one frozen copy, only when the KL is on.
-    ref_model = copy.deepcopy(raw_model).requires_grad_(False).eval() if cfg.beta > 0 and ref_kind == "copy" else None
+    # Full fine-tuning keeps the starting weights as the reference: one frozen copy, only when the KL is wanted.
+    use_ref = cfg.beta > 0 or cfg.track_kl
+    ref_model = copy.deepcopy(raw_model).requires_grad_(False).eval() if use_ref and ref_kind == "copy" else None
     model, optimizer = run.prepare(raw_model)  # order: adapters first, then wrap, then the optimizer
     step_model = torch.compile(model) if cfg.compile else model
     mu, mb = cfg.updates_per_batch, cfg.micro_batch_size
@@ -400,7 +402,7 @@ def main(cfg: GRPOConfig) -> None:
             x, y = make_batch([prompts[i] for i in mine for _ in range(cfg.group_size)][sl], completions[sl],
                               tokenizer.pad_id)  # fmt: skip
             b = {"x": x.to(device), "y": y.to(device), "adv": adv[sl].to(device), "ref": None, "old": None}
-            if cfg.beta > 0:  # the reference never changes: its log-probs serve every update of this batch
+            if use_ref:  # the reference never changes: its log-probs serve every update of this batch
                 with run.autocast:
                     if ref_model is not None:
                         b["ref"] = token_logps(ref_model, b["x"], b["y"])[0]
