@@ -308,8 +308,8 @@ class GRPOConfig(tc.TrainConfig):
             errors.append(f"ref must be auto, adapters_off or copy, not '{self.ref}'")
         if self.ref == "adapters_off" and self.finetune == "full":
             errors.append("ref=adapters_off needs finetune=lora or qlora (full fine-tuning has no adapters)")
-        if self.parallel not in ("none", "ddp", "torch_ddp"):
-            errors.append("parallel must be none, ddp or torch_ddp (rollouts need the whole model on each rank)")
+        if self.parallel in ("fsdp", "torch_fsdp2"):
+            errors.append("parallel: GRPO runs with none or ddp (rollouts need the whole model on each rank)")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             errors.append("lora_r and lora_alpha must be > 0")
         if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
