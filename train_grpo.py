@@ -139,9 +139,12 @@ def grpo_loss(
     return loss, stats
 
 
-def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y_t | x_<=t), entropy of pi at t), each (B, T), 0 where y is -1; the entropy is detached."""
-    logits = model(x).float()  # (B, T, V) fp32: log-ratios of nearly equal numbers need the precision
+def token_logps(model, x: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_t | x_<=t), entropy of pi at t), each (B, T), 0 where y is -1; the entropy is detached.
+
+    pi is the distribution the rollouts sample from, softmax(logits / temperature), so the samples are exactly
+    on-policy (top_p < 1 truncates it further; that part is ignored, as in TRL)."""
+    logits = model(x).float() / temperature  # (B, T, V) fp32: log-ratios of nearly equal numbers need precision
     logp_all = F.log_softmax(logits, dim=-1)  # (B, T, V)
     mask = y != -1
     logps = logp_all.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * mask  # (B, T)
@@ -237,7 +240,9 @@ class GRPOConfig(tc.TrainConfig):
     eval_at_start: bool = True  # also evaluate the starting model before the first step (the "before" number)
     group_size: int = 8  # G: completions sampled per prompt (the group that forms the baseline)
     max_new_tokens: int = 16  # longest completion; also the dr_grpo normalizer
-    temperature: float = 1.0  # sampling temperature of the rollouts (1 = the policy itself)
+    temperature: float = (
+        1.0  # rollout temperature; the policy trained is softmax(logits / temperature) (greedy is unchanged)
+    )
     top_p: float = 1.0  # nucleus sampling of the rollouts (1 = off)
     format_reward: float = 0.0  # reward for a wrong answer that is a literal of the right type (0 = off)
     scale_rewards: bool = True  # divide advantages by the group std (GRPO); false = Dr. GRPO
@@ -405,11 +410,11 @@ def main(cfg: GRPOConfig) -> None:
             if use_ref:  # the reference never changes: its log-probs serve every update of this batch
                 with run.autocast:
                     if ref_model is not None:
-                        b["ref"] = token_logps(ref_model, b["x"], b["y"])[0]
+                        b["ref"] = token_logps(ref_model, b["x"], b["y"], cfg.temperature)[0]
                     else:
                         raw_model.eval()
                         with lora.disable_adapters(raw_model):
-                            b["ref"] = token_logps(raw_model, b["x"], b["y"])[0]
+                            b["ref"] = token_logps(raw_model, b["x"], b["y"], cfg.temperature)[0]
                         raw_model.train()
             batches.append(b)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float)
@@ -439,7 +444,7 @@ def main(cfg: GRPOConfig) -> None:
         for micro, b in enumerate(batches):
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
-                    logps, entropy = token_logps(step_model, b["x"], b["y"])  # (B, T) each
+                    logps, entropy = token_logps(step_model, b["x"], b["y"], cfg.temperature)  # (B, T) each
                 if b["old"] is None:  # first update on this batch: the weights are still the sampling policy's
                     b["old"] = logps.detach()
                 mask = b["y"] != -1

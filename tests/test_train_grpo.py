@@ -151,6 +151,10 @@ def test_first_update_is_reinforce_with_the_group_baseline(agg):
         torch.optim.SGD(m.parameters(), lr=0.5).step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # At temperature 0.5 the log-probs are those of softmax(logits / 0.5), the distribution rollouts sample from.
+    with torch.no_grad():
+        hot = torch.log_softmax(models[0](x).double() / 0.5, dim=-1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        torch.testing.assert_close(token_logps(models[0], x, y, 0.5)[0].double(), hot * (y != -1), rtol=1e-5, atol=1e-5)
 
 
 def test_reward_checks_and_never_runs_the_text():
