@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization (GRPO): reinforcement learning on rewards a program checks, one loop.
 
     python train_sft.py configs/sft_tiny.yaml               # the SFT model GRPO starts from (out/sft/merged)
-    python train_grpo.py configs/grpo_tiny.yaml             # LoRA GRPO on the built-in tasks, ~2 min on 2 CPU cores
+    python train_grpo.py configs/grpo_tiny.yaml             # LoRA GRPO on the built-in tasks, ~1 min on 2 CPU cores
     python train_grpo.py configs/grpo_tiny.yaml scale_rewards=false loss_agg=dr_grpo out_dir=out/grpo_dr
     python eval.py compare=out/sft/merged,out/grpo/merged data= choices=
     torchrun --nproc_per_node 8 train_grpo.py base=out/sft_big finetune=full beta=0.04 lr=1e-6 parallel=ddp
