@@ -19,8 +19,9 @@ DATA     := data/builtin/meta.json
 PRETRAIN := out/pretrain/DONE
 SFT      := out/sft/DONE
 DPO      := out/dpo/DONE
+GRPO     := out/grpo/DONE
 
-.PHONY: setup setup-test demo data pretrain sft dpo eval samples test mutate lint gpu-check demo-vlm figures clean FORCE
+.PHONY: setup setup-test demo demo-rl data pretrain sft dpo grpo eval samples test mutate lint gpu-check demo-vlm figures clean FORCE
 
 setup: $(ENV_DEP) ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
@@ -56,6 +57,13 @@ $(SFT): $(PRETRAIN) $(_force)
 dpo: $(DPO)
 $(DPO): $(SFT) $(_force)
 	$(PY) train_dpo.py configs/dpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
+
+demo-rl: setup $(GRPO)  ## GRPO (LoRA) on the built-in tasks from the SFT model: held-out accuracy before -> after
+	$(PY) eval.py compare=out/sft/merged,out/grpo/merged data= choices=
+
+grpo: $(GRPO)
+$(GRPO): $(SFT) $(_force)
+	$(PY) train_grpo.py configs/grpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy; out/summary.png
 	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged plot=out/summary.png

@@ -32,6 +32,8 @@ def script_config(name: str):
         from train_sft import SFTConfig as cls
     elif name.startswith("dpo"):
         from train_dpo import DPOConfig as cls
+    elif name.startswith("grpo"):
+        from train_grpo import GRPOConfig as cls
     elif name.startswith("data"):
         from prepare_data import DataConfig as cls
     elif name.startswith("vlm"):
