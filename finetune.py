@@ -193,15 +193,20 @@ def seek(stream: TokenStream, steps: int) -> None:
                             "n_rows": stream.n_rows})  # fmt: skip
 
 
-def add_replay(x, y, doc, xr, yr):
-    """Append replay rows xr, yr (k, >=T) to a micro-batch x, y (R, T) -> x, y, doc of (R + k, T).
+def add_replay(x, y, doc, xr, yr, pad_id: int):
+    """Append replay rows xr, yr (k, S) to a micro-batch x, y (R, T) -> x, y, doc of (R + k, max(T, S)).
 
-    Each replay row is cut to the micro-batch's width T, so it adds no padding (packed micro-batches are
-    seq_len wide, padded ones as wide as their longest chat); every token of it is a target. With packing each
-    replay row is a document of its own (ids after the chats'). The first R rows stay the SFT rows."""
-    T = x.shape[1]
-    xr, yr = xr[:, :T], yr[:, :T]  # (k, T)
+    Replay rows keep their whole width S (seq_len) and the chat rows are right-padded to it (targets -1, a padding
+    document of their own): the replay tokens of a step are then the same whatever chats share their micro-batch,
+    so a run on N ranks (other micro-batch groupings) trains exactly like one process. Every replay token is a
+    target. With packing each replay row is a document of its own (ids after the chats'). The first R rows stay
+    the SFT rows."""
+    T = max(x.shape[1], xr.shape[1])
+    pad = T - x.shape[1]
+    x = torch.nn.functional.pad(x, (0, pad), value=pad_id)  # (R, T)
+    y = torch.nn.functional.pad(y, (0, pad), value=-1)
     if doc is not None:
+        doc = torch.nn.functional.pad(doc, (0, pad), value=-1)  # -1: padding, as pack() marks it
         first = int(doc.max()) + 1
         doc = torch.cat([doc, first + torch.arange(len(xr))[:, None].expand(-1, T)])  # (R + k, T)
     return torch.cat([x, xr]), torch.cat([y, yr]), doc

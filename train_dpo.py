@@ -329,7 +329,7 @@ class DPOConfig(tc.TrainConfig):
     replay_data: str = (
         ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
     )
-    replay_rows: int = 2  # replay rows of seq_len tokens per micro-batch
+    replay_rows: int = 2  # replay rows of seq_len tokens per optimizer step (all ranks), spread over its micro-batches
     replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the DPO loss
     lr: float = 5e-5  # peak learning rate
     min_lr: float = 5e-6  # learning rate at the end of the decay
@@ -420,7 +420,13 @@ def main(cfg: DPOConfig) -> None:
     sampler = ExampleSampler(len(pairs), cfg.seed)
     replay = None
     if cfg.replay_data:  # rows of pretraining text for every micro-batch, as in train_sft (finetune.py: replay)
-        replay = replay_stream(cfg.replay_data, cfg.replay_rows * run.accum, cfg.seq_len, tokenizer, run.rank,
+        # replay_rows is per optimizer step over all ranks, so the run does not depend on the world size: each
+        # micro-batch gets the same number of rows, replay_rows / (world x accum).
+        micro_batches = run.world_size * run.accum
+        if cfg.replay_rows % micro_batches:
+            raise UserError(f"replay_rows {cfg.replay_rows} must be a multiple of the {micro_batches} micro-batches "
+                            f"of a step (world {run.world_size} x accum {run.accum})")  # fmt: skip
+        replay = replay_stream(cfg.replay_data, cfg.replay_rows // run.world_size, cfg.seq_len, tokenizer, run.rank,
                                run.world_size, cfg.seed)  # fmt: skip
     run.print(f"data: {len(pairs)} pairs, {sum(len(p) + len(c) + len(r) for p, c, r in pairs):,} tokens")
 
@@ -479,7 +485,7 @@ def main(cfg: DPOConfig) -> None:
         sums = torch.zeros(7, device=device)
         replay_sum = torch.zeros((), device=device)
         if replay is not None:
-            xr, yr = replay.next_batch()  # (accum * replay_rows, seq_len) each
+            xr, yr = replay.next_batch()  # (replay_rows / world, seq_len) each
         for micro in range(run.accum):
             idx = mine[micro * mb : (micro + 1) * mb]
             batch = batch_to(make_batch([pairs[i] for i in idx], tokenizer.pad_id, pack_len), device)
@@ -507,7 +513,8 @@ def main(cfg: DPOConfig) -> None:
                 # sums to the mean over the whole step (DDP then averages the ranks).
                 total = losses.mean() + aux
                 if replay is not None:  # the policy's mean loss on pretraining text, its own forward
-                    rows = slice(micro * cfg.replay_rows, (micro + 1) * cfg.replay_rows)
+                    k = cfg.replay_rows // (run.world_size * run.accum)  # rows per micro-batch
+                    rows = slice(micro * k, (micro + 1) * k)
                     with run.autocast:
                         replay_loss = step_model(xr[rows].to(device), yr[rows].to(device))
                     total = total + cfg.replay_weight * replay_loss

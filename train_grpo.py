@@ -4,7 +4,7 @@
     python train_grpo.py configs/grpo_tiny.yaml             # LoRA GRPO on the built-in tasks, ~1 min on 2 CPU cores
     python train_grpo.py configs/grpo_tiny.yaml scale_rewards=false loss_agg=dr_grpo out_dir=out/grpo_dr
     python eval.py compare=out/sft/merged,out/grpo/merged data= choices=
-    torchrun --nproc_per_node 8 train_grpo.py base=out/sft_big finetune=full beta=0.04 lr=1e-6 parallel=ddp
+    torchrun --nproc_per_node 8 train_grpo.py base=out/sft_big finetune=full beta=0.04 lr=1e-6 min_lr=1e-7
 
 The idea (Shao et al. 2024, "DeepSeekMath", section 4). For each prompt q, sample a group of G completions
 o_1..o_G from the current policy, score each with a reward r_i that a program computes (here: is the answer

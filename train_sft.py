@@ -126,7 +126,7 @@ class SFTConfig(tc.TrainConfig):
     replay_data: str = (
         ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
     )
-    replay_rows: int = 2  # replay rows per micro-batch, each as wide as the micro-batch it joins
+    replay_rows: int = 2  # replay rows of seq_len tokens per optimizer step (all ranks), spread over its micro-batches
     replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the SFT loss
     # SFT defaults differ from pretraining: fewer steps, short warmup, no weight decay on adapters.
     steps: int = 300  # optimizer steps in the whole run
@@ -217,7 +217,13 @@ def main(cfg: SFTConfig) -> None:
     sampler = ExampleSampler(len(train), cfg.seed)
     replay = None
     if cfg.replay_data:  # rows of pretraining text for every micro-batch of this rank (finetune.py: replay)
-        replay = replay_stream(cfg.replay_data, cfg.replay_rows * run.accum, cfg.seq_len, tokenizer, run.rank,
+        # replay_rows is per optimizer step over all ranks, so the run does not depend on the world size: each
+        # micro-batch gets the same number of rows, replay_rows / (world x accum).
+        micro_batches = run.world_size * run.accum
+        if cfg.replay_rows % micro_batches:
+            raise UserError(f"replay_rows {cfg.replay_rows} must be a multiple of the {micro_batches} micro-batches "
+                            f"of a step (world {run.world_size} x accum {run.accum})")  # fmt: skip
+        replay = replay_stream(cfg.replay_data, cfg.replay_rows // run.world_size, cfg.seq_len, tokenizer, run.rank,
                                run.world_size, cfg.seed)  # fmt: skip
         run.print(
             f"replay: {cfg.replay_rows} rows of {cfg.replay_data} text per micro-batch, weight {cfg.replay_weight}"
@@ -283,9 +289,10 @@ def main(cfg: SFTConfig) -> None:
             batches = [(*collate(chunk, tokenizer.pad_id), None) for chunk in chunks]
         n_sft = [len(x) for x, _, _ in batches]  # the first rows of each micro-batch are chats, any others replay
         if replay is not None:
-            xr, yr = replay.next_batch()  # (accum * replay_rows, seq_len) each
-            k = cfg.replay_rows
-            batches = [add_replay(*b, xr[m * k : (m + 1) * k], yr[m * k : (m + 1) * k]) for m, b in enumerate(batches)]
+            xr, yr = replay.next_batch()  # (replay_rows / world, seq_len) each
+            k = cfg.replay_rows // (run.world_size * run.accum)  # rows per micro-batch
+            batches = [add_replay(*b, xr[m * k : (m + 1) * k], yr[m * k : (m + 1) * k], tokenizer.pad_id)
+                       for m, b in enumerate(batches)]  # fmt: skip
         # Normalize by the target tokens of the whole step on all ranks; DDP averages gradients over ranks,
         # so each rank divides by the mean count: the result is sum(token losses) / count(all tokens).
         sft_targets = sum(int((y[:n] != -1).sum()) for (_, y, _), n in zip(batches, n_sft, strict=True))

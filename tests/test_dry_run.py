@@ -27,6 +27,7 @@ import distributed
 import launch
 import train_common as tc
 import train_dpo
+import train_grpo
 import train_pretrain
 import train_sft
 import train_vlm
@@ -38,6 +39,7 @@ SCRIPTS = {
     "train_sft.py": (train_sft.main, train_sft.SFTConfig),
     "train_dpo.py": (train_dpo.main, train_dpo.DPOConfig),
     "train_vlm.py": (train_vlm.main, train_vlm.VLMTrainConfig),
+    "train_grpo.py": (train_grpo.main, train_grpo.GRPOConfig),
 }
 # Commands written to show an error, and the error they must show.
 MEANT_TO_FAIL = {"python train_pretrain.py stpes=10": "unknown key 'stpes' (did you mean 'steps'?)"}

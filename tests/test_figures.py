@@ -82,6 +82,7 @@ def test_read_log_keeps_the_last_value_of_a_repeated_step(figures, tmp_path):
 
 def test_every_committed_png_is_used_by_a_chapter_and_every_used_png_exists():
     chapters = glob.glob(os.path.join(ROOT, "docs", "*.md")) + glob.glob(os.path.join(ROOT, "docs", "zh", "*.md"))
+    chapters += [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "README_zh.md")]  # the demo's results figures
     used, broken = set(), []
     for chapter in chapters:
         with open(chapter, encoding="utf-8") as fh:
@@ -93,5 +94,5 @@ def test_every_committed_png_is_used_by_a_chapter_and_every_used_png_exists():
     committed = {os.path.normpath(p) for p in glob.glob(os.path.join(ROOT, "docs", "img", "*.png"))}
     assert committed, "docs/img/ holds no figures: run `make figures`"
     unused = sorted(os.path.relpath(p, ROOT) for p in committed - used)
-    assert not unused, f"figures no chapter shows: {unused}"
+    assert not unused, f"figures no chapter or README shows: {unused}"
     assert not broken, f"chapters show missing figures: {broken}"

@@ -322,7 +322,7 @@ def test_exact_resume_in_a_new_process(tiny_data_dir, micro_base, tmp_path):
 
 
 def test_replay_rows_are_documents_of_their_own(tiny_data_dir, micro_base):
-    """add_replay appends pretraining rows to a packed micro-batch: each chat and each replay row gets exactly
+    """add_replay appends whole pretraining rows to a packed micro-batch: each chat and each replay row gets exactly
     the per-token losses it gets alone (fp32, atol 1e-5), and seek(n) lands where n next_batch() calls do."""
     tok = Tokenizer(tiny_data_dir)
     rows = finetune.load_conversations(f"{tiny_data_dir}/sft_train.jsonl")[:6]
@@ -331,9 +331,9 @@ def test_replay_rows_are_documents_of_their_own(tiny_data_dir, micro_base):
     xr, yr = stream.next_batch()  # (2, 64)
     x, y, doc = finetune.pack(examples, tok.pad_id, 64)
     n = len(x)
-    x, y, doc = finetune.add_replay(x, y, doc, xr, yr)
+    x, y, doc = finetune.add_replay(x, y, doc, xr, yr, tok.pad_id)
     T = x.shape[1]
-    assert x.shape[0] == n + 2 and torch.equal(x[n:], xr[:, :T]) and torch.equal(y[n:], yr[:, :T])
+    assert T == 64 and x.shape[0] == n + 2 and torch.equal(x[n:], xr) and torch.equal(y[n:], yr)  # whole rows
     model = Transformer.from_pretrained(micro_base)
     with torch.no_grad():
         nll = model(x, y, loss_reduction="none", document_ids=doc)  # (R, T)
