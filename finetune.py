@@ -172,15 +172,22 @@ class ExampleSampler:
 # old data. Here each micro-batch gets a few rows of the base model's own training shards.
 
 
-def replay_stream(data_dir: str, rows_per_step: int, seq_len: int, tokenizer, rank: int, world_size: int, seed: int):
-    """A TokenStream over data_dir's train shards: each next_batch() gives this rank `rows_per_step` rows of
-    seq_len tokens for one optimizer step. Refuses shards made by another tokenizer (their ids mean other text)."""
+def replay_stream(
+    data_dir: str, replay_rows: int, seq_len: int, tokenizer, rank: int, world_size: int, accum: int, seed: int
+):
+    """A TokenStream over data_dir's train shards: each next_batch() gives this rank its replay_rows / world_size rows
+    of seq_len tokens for one optimizer step. replay_rows counts the rows of a step over all ranks, so the run does not
+    depend on the world size; it must split evenly over the step's world_size x accum micro-batches. Refuses shards
+    made by another tokenizer (their ids mean other text)."""
+    if replay_rows % (world_size * accum):
+        raise UserError(f"replay_rows {replay_rows} must be a multiple of the {world_size * accum} micro-batches of a "
+                        f"step (world {world_size} x accum {accum})")  # fmt: skip
     with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as fh:
         sha = json.load(fh).get("tokenizer_sha256")
     if sha and getattr(tokenizer, "sha256", None) and sha != tokenizer.sha256:
         raise UserError(f"replay_data: {data_dir} was tokenized with another tokenizer than the model's")
     try:
-        return TokenStream(data_dir, "train", rows_per_step, seq_len, rank, world_size, seed=seed)
+        return TokenStream(data_dir, "train", replay_rows // world_size, seq_len, rank, world_size, seed=seed)
     except ValueError as e:
         raise UserError(f"replay_data: {e}") from None
 

@@ -420,14 +420,8 @@ def main(cfg: DPOConfig) -> None:
     sampler = ExampleSampler(len(pairs), cfg.seed)
     replay = None
     if cfg.replay_data:  # rows of pretraining text for every micro-batch, as in train_sft (finetune.py: replay)
-        # replay_rows is per optimizer step over all ranks, so the run does not depend on the world size: each
-        # micro-batch gets the same number of rows, replay_rows / (world x accum).
-        micro_batches = run.world_size * run.accum
-        if cfg.replay_rows % micro_batches:
-            raise UserError(f"replay_rows {cfg.replay_rows} must be a multiple of the {micro_batches} micro-batches "
-                            f"of a step (world {run.world_size} x accum {run.accum})")  # fmt: skip
-        replay = replay_stream(cfg.replay_data, cfg.replay_rows // run.world_size, cfg.seq_len, tokenizer, run.rank,
-                               run.world_size, cfg.seed)  # fmt: skip
+        replay = replay_stream(cfg.replay_data, cfg.replay_rows, cfg.seq_len, tokenizer, run.rank, run.world_size,
+                               run.accum, cfg.seed)  # fmt: skip
     run.print(f"data: {len(pairs)} pairs, {sum(len(p) + len(c) + len(r) for p, c, r in pairs):,} tokens")
 
     # ---- model ----

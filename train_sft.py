@@ -217,17 +217,9 @@ def main(cfg: SFTConfig) -> None:
     sampler = ExampleSampler(len(train), cfg.seed)
     replay = None
     if cfg.replay_data:  # rows of pretraining text for every micro-batch of this rank (finetune.py: replay)
-        # replay_rows is per optimizer step over all ranks, so the run does not depend on the world size: each
-        # micro-batch gets the same number of rows, replay_rows / (world x accum).
-        micro_batches = run.world_size * run.accum
-        if cfg.replay_rows % micro_batches:
-            raise UserError(f"replay_rows {cfg.replay_rows} must be a multiple of the {micro_batches} micro-batches "
-                            f"of a step (world {run.world_size} x accum {run.accum})")  # fmt: skip
-        replay = replay_stream(cfg.replay_data, cfg.replay_rows // run.world_size, cfg.seq_len, tokenizer, run.rank,
-                               run.world_size, cfg.seed)  # fmt: skip
-        run.print(
-            f"replay: {cfg.replay_rows} rows of {cfg.replay_data} text per micro-batch, weight {cfg.replay_weight}"
-        )
+        replay = replay_stream(cfg.replay_data, cfg.replay_rows, cfg.seq_len, tokenizer, run.rank, run.world_size,
+                               run.accum, cfg.seed)  # fmt: skip
+        run.print(f"replay: {cfg.replay_rows} rows of {cfg.replay_data} text per step, weight {cfg.replay_weight}")
     n_tokens = sum(len(x) for x, _ in train)
     n_targets = sum(sum(t != -1 for t in y) for _, y in train)
     run.print(f"data: {len(train)} conversations, {n_tokens:,} tokens, {n_targets:,} assistant tokens (trained on)")

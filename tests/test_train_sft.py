@@ -327,7 +327,7 @@ def test_replay_rows_are_documents_of_their_own(tiny_data_dir, micro_base):
     tok = Tokenizer(tiny_data_dir)
     rows = finetune.load_conversations(f"{tiny_data_dir}/sft_train.jsonl")[:6]
     examples = [finetune.render_example(tok, r["messages"], 64) for r in rows]
-    stream = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, seed=0)
+    stream = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, accum=1, seed=0)
     xr, yr = stream.next_batch()  # (2, 64)
     x, y, doc = finetune.pack(examples, tok.pad_id, 64)
     n = len(x)
@@ -345,10 +345,10 @@ def test_replay_rows_are_documents_of_their_own(tiny_data_dir, micro_base):
         )
     assert float(nll[:n].sum()) == pytest.approx(sft_alone, abs=1e-4)
     for steps in (0, 1, stream.batches_per_epoch, stream.batches_per_epoch + 3):
-        walked = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, seed=0)
+        walked = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, accum=1, seed=0)
         for _ in range(steps):
             walked.next_batch()
-        jumped = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, seed=0)
+        jumped = finetune.replay_stream(tiny_data_dir, 2, 64, tok, rank=0, world_size=1, accum=1, seed=0)
         finetune.seek(jumped, steps)
         assert torch.equal(walked.next_batch()[0], jumped.next_batch()[0]), steps
 
