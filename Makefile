@@ -43,7 +43,7 @@ setup-test: $(ENV_DEP) ## runtime + test-only references (transformers, peft, op
 demo: setup $(DPO) eval samples   ## data -> tokenizer -> pretrain -> SFT (LoRA) -> DPO -> eval -> samples
 
 data: $(DATA)
-$(DATA): $(_force)
+$(DATA): $(_force) | setup
 	$(PY) prepare_data.py configs/data_builtin.yaml $(if $(FORCE),overwrite=true,)
 
 pretrain: $(PRETRAIN)
@@ -95,7 +95,7 @@ lint: setup-test
 figures: setup    ## re-draw the tutorial's PNGs in docs/img/ (loss curves from out/, skipped when a run is missing)
 	$(PY) docs/make_figures.py out_dir=out
 
-gpu-check:        ## on a CUDA machine: kernel tests compiled, attention + training benchmarks, a short GPU run
+gpu-check: setup  ## on a CUDA machine: kernel tests compiled, attention + training benchmarks, a short GPU run
 	$(if $(ENV_DEP),PATH=$(CURDIR)/.venv/bin:$$PATH,) bash benchmarks/gpu_check.sh
 
 clean:

@@ -20,8 +20,8 @@ What it does
 - Every assistant token of a step weighs the same: the summed loss of all micro-batches is divided
   by the number of target tokens in the whole step (over ranks too). Dividing each micro-batch's
   mean by `accum`, as pretraining does, would over-weight tokens in micro-batches with short answers.
-- `replay_data=DIR` adds `replay_rows` rows of DIR's pretraining text to every micro-batch, their own mean
-  loss weighted by `replay_weight` (finetune.py, replay). Without it, 300 steps on short answers made the
+- `replay_data=DIR` adds `replay_rows` rows of DIR's pretraining text to every optimizer step (over all ranks,
+  replay_rows / (world x accum) whole seq_len rows in each micro-batch), their own mean loss weighted by `replay_weight` (finetune.py, replay). Without it, 300 steps on short answers made the
   demo model forget its pretraining (3.76 -> 7.97 nats on that text; benchmarks/bench_forgetting.py).
 
 Padding, or packing (the key data choice)
