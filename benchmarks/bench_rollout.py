@@ -19,28 +19,15 @@ Numbers are printed, never asserted.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_sample import interleaved  # noqa: E402  (the same interleaved medians as the generation benchmark)
+
 from generation import generate, load_for_inference  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """{name: median seconds}; one warmup call each, then the functions take turns."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
