@@ -23,7 +23,6 @@ What lives here (and only here, so training scripts never look at ranks themselv
   DistributedDataParallel and `fully_shard` (FSDP2), the production path and our reference in tests.
 - Checkpoints: `full_state_dict` (gathered, HF keys, loadable by `Transformer.load_state_dict` at any world size) and
   `load_full_state_dict` (each rank keeps its slice); the files themselves are written by checkpoint.py.
-- `python distributed.py plan configs/model/llama2-7b.yaml world_size=8`: the memory planner (planner.py).
 
 How to run on several processes: `torchrun --standalone --nproc_per_node=2 train_pretrain.py CONFIG.yaml`
 (parallel=auto: ddp on several processes) (see the README for multi-node and SLURM).
@@ -32,7 +31,6 @@ How to run on several processes: `torchrun --standalone --nproc_per_node=2 train
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -442,14 +440,3 @@ def load_full_state_dict(model: nn.Module, state_dict):
 
 def _is_fully_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# command line: the memory planner
-# ---------------------------------------------------------------------------------------------------------------------
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "plan":
-        sys.exit("usage: python distributed.py plan configs/model/NAME.yaml [world_size=8] [seq_len=4096] ...")
-    import planner
-
-    planner.main(sys.argv[2:])

@@ -17,7 +17,8 @@ What is measured (each part is skipped when its input is set to ""):
   (each document is BOS + its tokens; every text token is predicted); for shards the byte count is
   the predicted tokens times meta.json's val text_bytes / tokens.
 - Exact match on the built-in held-out tasks (`tasks`, rows {"prompt", "answer"}): greedy decoding of
-  a one-turn chat, scored by tasks.exact_match (`tasks.task_accuracy`, also used by the SFT/DPO loops).
+  a one-turn chat (`generation.chat_answers`), scored by tasks.exact_match (`tasks.task_accuracy`); the SFT/DPO/GRPO
+  loops log the same pair.
 - Multiple choice (`choices`, rows {"context", "choices", "label"} as in HellaSwag / ARC; tasks.py
   writes choice_test.jsonl): each choice is scored by the log-likelihood of its tokens given the
   context, sum over the choice's tokens of log p(token | everything before it). The choice is appended
@@ -58,7 +59,7 @@ import torch
 import vlm
 from config import UserError, run_cli
 from finetune import collate
-from generation import load_for_inference
+from generation import chat_answers, load_for_inference
 from shards import read_shard
 from tasks import load_jsonl, task_accuracy
 
@@ -281,7 +282,8 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
             metrics |= text_loss(model, tokenizer, cfg.data, seq_len, cfg.batch_size, cfg.max_tokens)
     if cfg.tasks:
         rows = _load(cfg.tasks, {"prompt": str, "answer": str})[: cfg.limit or None]
-        acc = task_accuracy(model, tokenizer, rows, cfg.max_new_tokens, batch_size=4 * cfg.batch_size)
+        answers = chat_answers(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, 4 * cfg.batch_size)
+        acc = task_accuracy(rows, answers)
         metrics |= {"task_acc": acc["accuracy"], "task_n": acc["n"], "task_by_family": acc["by_family"]}
     if cfg.choices:
         rows = _load(cfg.choices, {"context": str, "choices": list, "label": int})[: cfg.limit or None]

@@ -322,3 +322,19 @@ def stop_ids_of(tokenizer) -> tuple[int, ...]:
     except ValueError:
         pass
     return tuple(i for i in ids if i is not None)
+
+
+def chat_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    """Greedy answers to one-turn chats, `batch_size` prompts at a time: each prompt is rendered as a user turn
+    ending in the assistant marker and decoded until the chat end marker or EOS. tasks.task_accuracy scores them;
+    the SFT/DPO/GRPO loops and eval.py all call this pair, so their accuracies come from identical code."""
+    was_training = model.training
+    model.eval()
+    stop, answers = stop_ids_of(tokenizer), []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+               for p in prompts[i : i + batch_size]]  # fmt: skip
+        outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=stop)
+        answers += [tokenizer.decode(out) for out in outs]
+    model.train(was_training)
+    return answers

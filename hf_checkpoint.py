@@ -5,12 +5,12 @@ mapping: saving is `state_dict()` minus a tied lm_head, written as safetensors w
 `{"format": "pt"}` metadata; the only conversions are
   * config: ModelConfig <-> LlamaConfig / MixtralConfig keys (`config_to_hf`, `config_fields_from_hf`), writing
     both transformers 4.x (`rope_scaling`) and 5.x (`rope_parameters`) spellings;
-  * MoE experts: our stacked (E, F, C) tensors <-> Mixtral's per-expert keys (moe.experts_to_hf / _from_hf).
+  * MoE experts: our stacked (E, F, C) tensors <-> Mixtral's per-expert keys (`experts_to_hf` / `experts_from_hf`, below).
     MoE variants Mixtral's code would compute differently (shared experts, some dense layers, the sigmoid
     router, capacity drops) keep that layout but get model_type "zts_moe", which transformers refuses loudly
     instead of loading them with randomly filled weights.
-`load` reads our dirs, HF Llama / Mixtral dirs (one file or shards with model.safetensors.index.json), and
-LoRA adapter dirs (base named by base_model_name_or_path, then lora.load_adapter). Nothing is unpickled:
+`load` reads our dirs and HF Llama / Mixtral dirs (one file or shards with model.safetensors.index.json); `adapter_base`
+names the base of a LoRA adapter dir (Transformer.from_pretrained loads it, then lora.load_adapter). Nothing is unpickled:
 a dir with only pytorch_model.bin is refused. Files are written under a temporary name and renamed.
 `resolve_checkpoint` turns a hub id (`hf:ORG/NAME`) into a local snapshot dir of huggingface_hub's cache.
 
@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-import lora
-import moe
 
 
 def save(model, path: str, tokenizer_dir: str | None = None, dtype=None, state_dict=None) -> None:
@@ -42,7 +40,7 @@ def save(model, path: str, tokenizer_dir: str | None = None, dtype=None, state_d
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens on load
     if model.config.n_experts > 0:
-        sd = moe.experts_to_hf(sd)  # stacked (E, F, C) experts -> Mixtral's experts.{j}.w1.weight
+        sd = experts_to_hf(sd)  # stacked (E, F, C) experts -> Mixtral's experts.{j}.w1.weight
     tensors, seen = {}, set()
     for k, v in sd.items():
         v = v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
@@ -81,20 +79,15 @@ def adapter_base(path: str) -> str | None:
 
 
 def load(cls, config_cls, path: str, dtype=None, device="cpu", **overrides):
-    """Load our checkpoint dir, an HF Llama / Mixtral dir (single or sharded safetensors), or a LoRA adapter
-    dir (adapter_config.json: its base_model_name_or_path is loaded, then lora.load_adapter) as a `cls` built
-    from a `config_cls` (model.py passes Transformer and ModelConfig: this file sits below model.py).
+    """Load our checkpoint dir or an HF Llama / Mixtral dir (single or sharded safetensors) as a `cls` built from
+    a `config_cls` (model.py passes Transformer and ModelConfig: this file sits below model.py). A LoRA adapter dir
+    is handled one level up, in Transformer.from_pretrained: its base is loaded here, then lora.load_adapter.
 
     dtype: None = float32, "auto" = as stored, or a torch dtype / its name. overrides: ModelConfig fields that
     are not architecture (attn_impl, dropout, gradient_checkpointing, ...). Never unpickles anything.
     """
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint directory {path!r} does not exist")
-    base_dir = adapter_base(path)
-    if base_dir is not None:
-        model = load(cls, config_cls, base_dir, dtype=dtype, device=device, **overrides)
-        lora.load_adapter(model, path)
-        return model
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} has no config.json (not a checkpoint directory)")
@@ -109,7 +102,7 @@ def load(cls, config_cls, path: str, dtype=None, device="cpu", **overrides):
     sd = _read_safetensors(path, dtype, device)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF checkpoints store it
     if config.n_experts > 0:
-        sd = moe.experts_from_hf(sd)
+        sd = experts_from_hf(sd)
     with torch.device("meta"):
         model = cls(config)
     required = {k for k, _ in model.named_parameters()}  # tied lm_head is not listed: it is embed_tokens
@@ -282,6 +275,67 @@ def config_fields_from_hf(d: dict, **overrides) -> dict:
     return kw
 
 
+# ---- MoE experts: our stacked tensors <-> Mixtral's per-expert keys ----
+_STACKED = re.compile(r"^(.*)\.block_sparse_moe\.(w1|w2|w3)$")
+_PER_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_FUSED = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")  # transformers v5 in memory
+
+
+def experts_to_hf(state_dict):
+    """Stacked `...block_sparse_moe.w1` (E,F,C) -> Mixtral's `...block_sparse_moe.experts.{j}.w1.weight` (F,C).
+
+    Returns a new dict; every other key (router `gate.weight`, attention, norms) passes through.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        m = _STACKED.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, name = m.groups()
+        for j, w in enumerate(value.unbind(0)):
+            out[f"{prefix}.block_sparse_moe.experts.{j}.{name}.weight"] = w.contiguous()
+    return out
+
+
+def experts_from_hf(state_dict):
+    """Mixtral per-expert keys (or transformers v5's fused `mlp.experts.gate_up_proj`) -> stacked w1/w2/w3.
+
+    Returns a new dict; other keys pass through. Raises ValueError when a layer's experts are incomplete.
+    """
+    out, groups = {}, {}  # groups[(prefix, name)][j] = tensor
+    fused_layers = set()
+    for key, value in state_dict.items():
+        m = _PER_EXPERT.match(key)
+        if m is not None:
+            prefix, j, name = m.groups()
+            groups.setdefault((prefix, name), {})[int(j)] = value
+            continue
+        m = _FUSED.match(key)
+        if m is not None:
+            prefix, name = m.groups()
+            fused_layers.add(prefix)
+            if name == "gate_up_proj":  # (E,2F,C): gate rows first, then up rows
+                out[f"{prefix}.block_sparse_moe.w1"], out[f"{prefix}.block_sparse_moe.w3"] = value.chunk(2, dim=1)
+            else:  # down_proj (E,C,F)
+                out[f"{prefix}.block_sparse_moe.w2"] = value
+            continue
+        out[key] = value
+    for (prefix, name), experts in groups.items():
+        if sorted(experts) != list(range(len(experts))):
+            raise ValueError(f"{prefix}.block_sparse_moe: expert indices for {name} are not 0..E-1: {sorted(experts)}")
+        out[f"{prefix}.block_sparse_moe.{name}"] = torch.stack([experts[j] for j in range(len(experts))])
+    for prefix in fused_layers:  # v5 names the whole block `mlp`; its router is `mlp.gate.weight`
+        gate = out.pop(f"{prefix}.mlp.gate.weight", None)
+        if gate is not None:
+            out[f"{prefix}.block_sparse_moe.gate.weight"] = gate
+    for prefix in {p for p, _ in groups} | fused_layers:
+        missing = [n for n in ("w1", "w2", "w3") if f"{prefix}.block_sparse_moe.{n}" not in out]
+        if missing:
+            raise ValueError(f"{prefix}.block_sparse_moe: missing expert weights {missing}")
+    return out
+
+
 def _safetensors_files(path: str) -> list[str]:
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
@@ -329,7 +383,7 @@ class LazyStateDict(Mapping):
                 raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
         experts = {}
         for key in self._file:
-            m = moe._PER_EXPERT.match(key)
+            m = _PER_EXPERT.match(key)
             if m is not None:
                 prefix, j, name = m.groups()
                 experts.setdefault(f"{prefix}.block_sparse_moe.{name}", {})[int(j)] = key

@@ -1,4 +1,4 @@
-"""What a launch decides, in one place: the parallel mode, the batch split, the device and dtype, and the dry run.
+"""What a launch decides, in one place: the parallel mode, the batch split, the device, dtype and attention kernel.
 
 A run is started as `python train_X.py CONFIG [key=value ...]` (one process) or under `torchrun --nproc_per_node=N`
 (N processes; torchrun sets WORLD_SIZE). From the config and that world size alone, before any process group exists:
@@ -14,9 +14,8 @@ A run is started as `python train_X.py CONFIG [key=value ...]` (one process) or 
 - `resolve_attn_impl`: attn_impl=auto means the Triton kernel on CUDA, PyTorch's sdpa elsewhere.
 - `is_sharded`: whether a parallel mode splits weights and optimizer state over ranks (fsdp, torch_fsdp2), which
   decides how checkpoints are saved and read, and whether one rank can generate text on its own.
-- `dry_run`: `dry_run=true` on any training script prints all of the above, the model's size and planner.py's
-  memory estimate for this launch, and exits without a process group, a download or a write. WORLD_SIZE=N in
-  the environment shows what N processes would run. tests/test_dry_run.py puts every documented command through it.
+`dry_run=true` on any training script prints all of these decisions with planner.py's memory estimate
+(planner.dry_run) and exits without a process group, a download or a write.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import torch
 
 import distributed
-import planner
 from config import UserError
 from model import ATTN_IMPLS
 
@@ -98,48 +96,3 @@ def resolve_dtype(cfg, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return getattr(torch, cfg.dtype)
-
-
-# ----------------------------------------------------------------------------- the dry run
-
-
-def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_example: int = 1,
-            ragged: bool = False, notes: tuple[str, ...] = ()) -> None:  # fmt: skip
-    """`dry_run=true`: everything this launch would decide, printed, then return without a process group, a
-    download or a write. The world size is torchrun's WORLD_SIZE (1 without torchrun), so
-    `WORLD_SIZE=8 python train_pretrain.py CONFIG dry_run=true` shows what 8 GPUs would run.
-
-    model_cfg: the ModelConfig the run would build (None when its base is not on this machine). per_example:
-    sequences per example (2 for a DPO pair). ragged: examples may be shorter than seq_len, so token counts are
-    upper bounds. Memory is planner.py's per-device estimate for full training."""
-    rank, local_rank, world = distributed.launch_env()
-    parallel = resolve_parallel(cfg, world)
-    micro, accum = batch_split(cfg, world)
-    device = resolve_device(cfg, local_rank)
-    dtype = resolve_dtype(cfg, device)
-    why = f" (auto: {'torchrun' if world > 1 else 'one process'})" if cfg.parallel == "auto" else ""
-    seqs, most = cfg.batch_size * per_example, " at most" if ragged else ""
-    lines = [
-        f"dry run of {script}: nothing is written, out_dir {cfg.out_dir} is not touched",
-        f"  launch: world size {world}, parallel={parallel}{why}, device {device}, dtype {str(dtype)[6:]}",
-        f"  batch:  {cfg.batch_size} {unit} per step = micro {micro} x accum {accum} x world {world}; "
-        f"{seqs} x {cfg.seq_len} = {seqs * cfg.seq_len:,} tokens per step{most}",
-        f"  run:    {cfg.steps:,} steps = {cfg.steps * seqs * cfg.seq_len:,} tokens{most}",
-    ]
-    if model_cfg is not None:
-        # The planner's modes: our ddp, torch_ddp and none keep whole replicas; fsdp shards (zero2 keeps gathers).
-        mode = ("zero2" if parallel == "fsdp" and cfg.zero2 else "fsdp") if is_sharded(parallel) else "ddp"
-        mode += "+ckpt" if getattr(cfg, "gradient_checkpointing", False) else ""
-        mixed = dtype != torch.float32 and (mode.startswith("ddp") or cfg.fsdp_mixed_precision)
-        p = planner.plan(model_cfg, world, seq_len=cfg.seq_len, micro_batch=micro * per_example, mixed_precision=mixed)
-        m, gib = p["memory"][mode], 2**30
-        parts = " + ".join(f"{k} {m[k] / gib:.2f}" for k in ("params", "grads", "optimizer", "gathered", "activations"))
-        lines += [
-            f"  model:  {p['params'] / 1e6:,.2f}M parameters ({p['active_params'] / 1e6:,.2f}M active), "
-            f"{p['flops_per_token'] / 1e6:,.1f} MFLOP/token",
-            f"  memory: {m['total'] / gib:.2f} GiB per device (planner.py, {mode}, full training: {parts})",
-        ]
-    lines += [f"  note:   {n}" for n in notes]
-    lines += [f"  not checked here: {n}" for n in cfg.__dict__.get("unchecked", [])]
-    if rank == 0:  # under torchrun every rank checks the same things; one prints them
-        print("\n".join(lines), flush=True)

@@ -46,6 +46,7 @@ import yaml
 from torch.utils.checkpoint import checkpoint
 
 import hf_checkpoint
+import lora
 import moe
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "model")
@@ -567,5 +568,11 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device="cpu", **overrides) -> Transformer:
-        """Our checkpoint dir, an HF Llama / Mixtral dir, or a LoRA adapter dir; see hf_checkpoint.load."""
+        """Our checkpoint dir, an HF Llama / Mixtral dir (see hf_checkpoint.load), or a LoRA adapter dir: its
+        adapter_config.json names the base (base_model_name_or_path), which is loaded first, then the adapters."""
+        base_dir = hf_checkpoint.adapter_base(path)
+        if base_dir is not None:
+            model = cls.from_pretrained(base_dir, dtype=dtype, device=device, **overrides)
+            lora.load_adapter(model, path)
+            return model
         return hf_checkpoint.load(cls, ModelConfig, path, dtype=dtype, device=device, **overrides)

@@ -38,7 +38,7 @@ Shared experts (DeepSeekMoE, Dai et al. 2024): `n_shared_experts` > 0 adds one a
 of width n_shared_experts * moe_intermediate_size whose output is added to the routed output.
 
 Checkpoint layout: experts are stacked as `w1` (E,F,C), `w2` (E,C,F), `w3` (E,F,C) (Mixtral's
-names: w1 gate, w3 up, w2 down). `experts_to_hf` / `experts_from_hf` convert to and from Mixtral's
+names: w1 gate, w3 up, w2 down). `hf_checkpoint.experts_to_hf` / `experts_from_hf` convert to and from Mixtral's
 per-expert keys `...block_sparse_moe.experts.{j}.w1.weight`; model.py calls them when saving and
 loading.
 
@@ -50,7 +50,6 @@ N = B*T tokens, E experts, K top-k.
 """
 
 import math
-import re
 
 import torch
 import torch.nn as nn
@@ -234,64 +233,3 @@ class MoEFeedForward(nn.Module):
             return
         self.expert_bias += self.bias_update_rate * torch.sign(self.load_counts.mean() - self.load_counts)
         self.load_counts.zero_()
-
-
-# ---- Mixtral checkpoint layout ----
-_STACKED = re.compile(r"^(.*)\.block_sparse_moe\.(w1|w2|w3)$")
-_PER_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_FUSED = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")  # transformers v5 in memory
-
-
-def experts_to_hf(state_dict):
-    """Stacked `...block_sparse_moe.w1` (E,F,C) -> Mixtral's `...block_sparse_moe.experts.{j}.w1.weight` (F,C).
-
-    Returns a new dict; every other key (router `gate.weight`, attention, norms) passes through.
-    """
-    out = {}
-    for key, value in state_dict.items():
-        m = _STACKED.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        prefix, name = m.groups()
-        for j, w in enumerate(value.unbind(0)):
-            out[f"{prefix}.block_sparse_moe.experts.{j}.{name}.weight"] = w.contiguous()
-    return out
-
-
-def experts_from_hf(state_dict):
-    """Mixtral per-expert keys (or transformers v5's fused `mlp.experts.gate_up_proj`) -> stacked w1/w2/w3.
-
-    Returns a new dict; other keys pass through. Raises ValueError when a layer's experts are incomplete.
-    """
-    out, groups = {}, {}  # groups[(prefix, name)][j] = tensor
-    fused_layers = set()
-    for key, value in state_dict.items():
-        m = _PER_EXPERT.match(key)
-        if m is not None:
-            prefix, j, name = m.groups()
-            groups.setdefault((prefix, name), {})[int(j)] = value
-            continue
-        m = _FUSED.match(key)
-        if m is not None:
-            prefix, name = m.groups()
-            fused_layers.add(prefix)
-            if name == "gate_up_proj":  # (E,2F,C): gate rows first, then up rows
-                out[f"{prefix}.block_sparse_moe.w1"], out[f"{prefix}.block_sparse_moe.w3"] = value.chunk(2, dim=1)
-            else:  # down_proj (E,C,F)
-                out[f"{prefix}.block_sparse_moe.w2"] = value
-            continue
-        out[key] = value
-    for (prefix, name), experts in groups.items():
-        if sorted(experts) != list(range(len(experts))):
-            raise ValueError(f"{prefix}.block_sparse_moe: expert indices for {name} are not 0..E-1: {sorted(experts)}")
-        out[f"{prefix}.block_sparse_moe.{name}"] = torch.stack([experts[j] for j in range(len(experts))])
-    for prefix in fused_layers:  # v5 names the whole block `mlp`; its router is `mlp.gate.weight`
-        gate = out.pop(f"{prefix}.mlp.gate.weight", None)
-        if gate is not None:
-            out[f"{prefix}.block_sparse_moe.gate.weight"] = gate
-    for prefix in {p for p, _ in groups} | fused_layers:
-        missing = [n for n in ("w1", "w2", "w3") if f"{prefix}.block_sparse_moe.{n}" not in out]
-        if missing:
-            raise ValueError(f"{prefix}.block_sparse_moe: missing expert weights {missing}")
-    return out

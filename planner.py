@@ -1,8 +1,13 @@
 """Memory and throughput planner: how many bytes each GPU holds under DDP, ZeRO-2 and FSDP (ZeRO-3), with and without
 activation checkpointing, and how many tokens/s a given MFU means.
 
-    python distributed.py plan configs/model/llama2-7b.yaml world_size=8 [seq_len=4096] [micro_batch=1]
+    python planner.py configs/model/llama2-7b.yaml world_size=8 [seq_len=4096] [micro_batch=1]
         [mixed_precision=true] [mfu=0.4] [peak_tflops=989]
+
+`dry_run(cfg, ...)` is the same plan for one training launch: `dry_run=true` (or `--dry-run`) on any train_*.py
+prints what launch.py decides for it (parallel mode, batch split, device, dtype), the model's size and this
+memory estimate, then exits without a process group, a download or a write. WORLD_SIZE=N in the environment shows
+what N processes would run. tests/test_dry_run.py puts every documented training command through it.
 
 Parameter and FLOP counts come from model.py itself (the model is built on the meta device, so a 70B plan allocates
 nothing): `num_parameters()` and `estimate_flops_per_token()` (6N + 12 L H D T, PaLM appendix B).
@@ -40,6 +45,8 @@ import sys
 import torch
 import yaml
 
+import distributed
+from launch import batch_split, is_sharded, resolve_device, resolve_dtype, resolve_parallel
 from model import ModelConfig, Transformer
 
 MODES = ("ddp", "zero2", "fsdp")
@@ -149,10 +156,55 @@ def format_plan(p: dict, name: str, world_size: int, gib: float = 2**30) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the dry run
+
+
+def dry_run(cfg, script: str, model_cfg=None, unit: str = "sequences", per_example: int = 1,
+            ragged: bool = False, notes: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """`dry_run=true`: everything this launch would decide, printed, then return without a process group, a
+    download or a write. The world size is torchrun's WORLD_SIZE (1 without torchrun), so
+    `WORLD_SIZE=8 python train_pretrain.py CONFIG dry_run=true` shows what 8 GPUs would run.
+
+    model_cfg: the ModelConfig the run would build (None when its base is not on this machine). per_example:
+    sequences per example (2 for a DPO pair). ragged: examples may be shorter than seq_len, so token counts are
+    upper bounds. Memory is plan()'s per-device estimate for full training."""
+    rank, local_rank, world = distributed.launch_env()
+    parallel = resolve_parallel(cfg, world)
+    micro, accum = batch_split(cfg, world)
+    device = resolve_device(cfg, local_rank)
+    dtype = resolve_dtype(cfg, device)
+    why = f" (auto: {'torchrun' if world > 1 else 'one process'})" if cfg.parallel == "auto" else ""
+    seqs, most = cfg.batch_size * per_example, " at most" if ragged else ""
+    lines = [
+        f"dry run of {script}: nothing is written, out_dir {cfg.out_dir} is not touched",
+        f"  launch: world size {world}, parallel={parallel}{why}, device {device}, dtype {str(dtype)[6:]}",
+        f"  batch:  {cfg.batch_size} {unit} per step = micro {micro} x accum {accum} x world {world}; "
+        f"{seqs} x {cfg.seq_len} = {seqs * cfg.seq_len:,} tokens per step{most}",
+        f"  run:    {cfg.steps:,} steps = {cfg.steps * seqs * cfg.seq_len:,} tokens{most}",
+    ]
+    if model_cfg is not None:
+        # The planner's modes: our ddp, torch_ddp and none keep whole replicas; fsdp shards (zero2 keeps gathers).
+        mode = ("zero2" if parallel == "fsdp" and cfg.zero2 else "fsdp") if is_sharded(parallel) else "ddp"
+        mode += "+ckpt" if getattr(cfg, "gradient_checkpointing", False) else ""
+        mixed = dtype != torch.float32 and (mode.startswith("ddp") or cfg.fsdp_mixed_precision)
+        p = plan(model_cfg, world, seq_len=cfg.seq_len, micro_batch=micro * per_example, mixed_precision=mixed)
+        m, gib = p["memory"][mode], 2**30
+        parts = " + ".join(f"{k} {m[k] / gib:.2f}" for k in ("params", "grads", "optimizer", "gathered", "activations"))
+        lines += [
+            f"  model:  {p['params'] / 1e6:,.2f}M parameters ({p['active_params'] / 1e6:,.2f}M active), "
+            f"{p['flops_per_token'] / 1e6:,.1f} MFLOP/token",
+            f"  memory: {m['total'] / gib:.2f} GiB per device (planner.py, {mode}, full training: {parts})",
+        ]
+    lines += [f"  note:   {n}" for n in notes]
+    lines += [f"  not checked here: {n}" for n in cfg.__dict__.get("unchecked", [])]
+    if rank == 0:  # under torchrun every rank checks the same things; one prints them
+        print("\n".join(lines), flush=True)
+
+
 def main(argv: list[str]):
     """CLI: CONFIG.yaml then key=value overrides for plan()'s keyword arguments."""
     if not argv or "=" in argv[0]:
-        sys.exit("usage: python distributed.py plan configs/model/NAME.yaml world_size=8 [seq_len=..] [mfu=..]")
+        sys.exit("usage: python planner.py configs/model/NAME.yaml world_size=8 [seq_len=..] [mfu=..]")
     kinds = {"world_size": int, "seq_len": int, "micro_batch": int, "mfu": float, "peak_tflops": float,
              "mixed_precision": lambda s: s.lower() in ("1", "true", "yes")}  # fmt: skip
     opts = {"world_size": 8}
@@ -169,3 +221,7 @@ def main(argv: list[str]):
     except (OSError, TypeError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(format_plan(p, argv[0], opts["world_size"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -54,7 +54,6 @@ from dataclasses import dataclass
 import torch
 
 from config import UserError, run_cli
-from generation import generate, stop_ids_of
 
 FAMILIES = ("easy", "medium", "hard")
 HELDOUT_PERCENT = 20  # share of the expression space reserved for the test side (by hash of the expression)
@@ -536,29 +535,10 @@ def write_tasks(out_dir: str, seed: int = 0, n_train: int = 3000, n_test: int = 
 
 
 @torch.no_grad()
-def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, batch_size: int = 32) -> dict:
-    """Greedy exact-match accuracy on built-in task rows {"prompt", "answer", "family"}.
-
-    Each prompt is rendered as a one-turn chat ending in the assistant marker; generation stops at
-    the chat end marker or EOS. Returns {"accuracy": float, "by_family": {family: float}, "n": int}.
-    """
-    was_training = model.training
-    model.eval()
-    stop = stop_ids_of(tokenizer)
-    answers = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        prompts = [tokenizer.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
-                   for r in chunk]  # fmt: skip
-        outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop)
-        answers += [tokenizer.decode(out) for out in outs]
-    model.train(was_training)
-    return accuracy_by_family(rows, answers)
-
-
-def accuracy_by_family(rows: list[dict], answers: list[str]) -> dict:
-    """Exact match of each generated answer against its row's "answer", overall and per row "family" (task_accuracy,
-    vlm.vqa_accuracy): {"accuracy": float, "by_family": {family: float}, "n": int}."""
+def task_accuracy(rows: list[dict], answers: list[str]) -> dict:
+    """Exact match of each generated answer against its row's "answer", overall and per row "family":
+    {"accuracy": float, "by_family": {family: float}, "n": int}. The answers come from generation.chat_answers
+    (greedy, one-turn chat) for the text tasks and from vlm.generate_answer for the VQA questions."""
     correct, by_family = [], defaultdict(list)
     for row, answer in zip(rows, answers, strict=True):
         ok = exact_match(answer, row["answer"])

@@ -71,7 +71,9 @@ from finetune import (
     seek,
     sharding_errors,
 )
-from launch import attn_impl_errors, dry_run, resolve_attn_impl
+from generation import chat_answers
+from launch import attn_impl_errors, resolve_attn_impl
+from planner import dry_run
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 
@@ -455,7 +457,8 @@ def main(cfg: DPOConfig) -> None:
         if not (task_rows and run.master and not run.sharded):  # generation needs the whole model on one rank
             return
         with run.autocast:
-            acc = task_accuracy(raw_model, tokenizer, task_rows, max_new_tokens=cfg.eval_max_new_tokens)
+            answers = chat_answers(raw_model, tokenizer, [r["prompt"] for r in task_rows], cfg.eval_max_new_tokens)
+            acc = task_accuracy(task_rows, answers)
         record = {"step": step, "task_acc": acc["accuracy"]}
         record.update({f"task_acc/{f}": a for f, a in acc["by_family"].items()})
         run.log(record)

@@ -61,8 +61,9 @@ import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import ExampleSampler, collate, load_base, plan_base_config, resolve_base, sharding_errors
-from generation import generate
-from launch import attn_impl_errors, dry_run, resolve_attn_impl
+from generation import chat_answers, generate
+from launch import attn_impl_errors, resolve_attn_impl
+from planner import dry_run
 from tasks import TEST_KEYS, exact_match, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 
@@ -394,7 +395,8 @@ def main(cfg: GRPOConfig) -> None:
         if not (task_rows and run.master):
             return
         with run.autocast:
-            acc = task_accuracy(raw_model, tokenizer, task_rows, max_new_tokens=cfg.eval_max_new_tokens)
+            answers = chat_answers(raw_model, tokenizer, [r["prompt"] for r in task_rows], cfg.eval_max_new_tokens)
+            acc = task_accuracy(task_rows, answers)
         record = {"step": step, "task_acc": acc["accuracy"]}
         record.update({f"task_acc/{f}": a for f, a in acc["by_family"].items()})
         run.log(record)

@@ -38,8 +38,9 @@ import train_common as tc
 from config import UserError, load_yaml, run_cli
 from generation import generate
 from hf_checkpoint import LazyStateDict
-from launch import attn_impl_errors, dry_run, resolve_attn_impl
+from launch import attn_impl_errors, resolve_attn_impl
 from model import ModelConfig, Transformer
+from planner import dry_run
 from shards import TokenStream
 from tokenizer import Tokenizer
 

@@ -84,7 +84,9 @@ from finetune import (
     sharding_errors,
     val_loss,
 )
-from launch import attn_impl_errors, dry_run, resolve_attn_impl
+from generation import chat_answers
+from launch import attn_impl_errors, resolve_attn_impl
+from planner import dry_run
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
 
@@ -251,7 +253,8 @@ def main(cfg: SFTConfig) -> None:
             record["val_loss"] = val_loss(model, val, cfg.micro_batch_size, tokenizer.pad_id, device, run.autocast)
         if task_rows and run.master and not run.sharded:  # generation needs the whole model on one rank
             with run.autocast:
-                acc = task_accuracy(raw_model, tokenizer, task_rows, max_new_tokens=cfg.eval_max_new_tokens)
+                answers = chat_answers(raw_model, tokenizer, [r["prompt"] for r in task_rows], cfg.eval_max_new_tokens)
+                acc = task_accuracy(task_rows, answers)
             record["task_acc"] = acc["accuracy"]
             record.update({f"task_acc/{f}": a for f, a in acc["by_family"].items()})
         run.log(record)

@@ -38,8 +38,9 @@ import lora
 import train_common as tc
 import vlm_data
 from config import UserError, load_yaml, run_cli
-from launch import attn_impl_errors, dry_run, resolve_attn_impl
+from launch import attn_impl_errors, resolve_attn_impl
 from model import ModelConfig, Transformer
+from planner import dry_run
 from tokenizer import Tokenizer
 from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
 

@@ -58,7 +58,7 @@ from generation import generate
 from hf_checkpoint import copy_tokenizer_files
 from model import ATTN_IMPLS, RMSNorm, Transformer, attention
 from moe import SwiGLU
-from tasks import accuracy_by_family
+from tasks import task_accuracy
 from tokenizer import Tokenizer
 
 IMAGE_TAG = "<image>"
@@ -361,13 +361,13 @@ def generate_answer(model: VLM, tokenizer, images: list, questions: list[str], m
 
 def vqa_accuracy(model: VLM, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 8) -> dict:
     """Greedy exact-match accuracy on one-question examples (vlm_data rows: the first user turn is asked, "answer"
-    is the truth), like tasks.task_accuracy: {"accuracy": float, "by_family": {family: float}, "n": int}."""
+    is the truth), scored by tasks.task_accuracy as the text tasks are: {"accuracy": float, "by_family": {family: float}, "n": int}."""
     answers = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         questions = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in chunk]
         answers += generate_answer(model, tokenizer, [r["image"] for r in chunk], questions, max_new_tokens)
-    return accuracy_by_family(rows, answers)
+    return task_accuracy(rows, answers)
 
 
 def evaluate_checkpoint(path: str, data: str = "builtin", n: int = 200, device="cpu", batch_size: int = 64) -> dict:

@@ -3,7 +3,7 @@
 Checks, for every docs/*.md and docs/zh/*.md:
 - a fenced block preceded by `<!-- source: FILE -->` appears verbatim in FILE (repo-relative) as a
   contiguous run of lines, after removing common indentation and blank lines at the block's ends;
-- a fenced block preceded by `<!-- output: python distributed.py plan ARGS -->` is exactly what the
+- a fenced block preceded by `<!-- output: python planner.py ARGS -->` is exactly what the
   memory planner prints today for ARGS (the planner builds the model on the meta device: fast);
 - every `python SCRIPT.py`, `torchrun ... SCRIPT.py` and `make TARGET` written in code (fenced blocks
   and inline `code`) names a file / Makefile target that exists; so do `configs/*.yaml`,
@@ -151,7 +151,7 @@ def defined_tests(path: str) -> set[str]:
 
 @functools.lru_cache(maxsize=None)  # the Chinese chapters quote the same tables: plan each once
 def planner_output(args: str) -> tuple[str, ...]:
-    """What `python distributed.py plan ARGS` prints, run in-process."""
+    """What `python planner.py ARGS` prints, run in-process."""
     import planner
 
     out = io.StringIO()
@@ -220,7 +220,7 @@ def test_quoted_planner_output_is_current(doc):
         if not block["marker"] or block["marker"][0] != "output":
             continue
         command = block["marker"][1]
-        m = re.fullmatch(r"python distributed\.py plan (.+)", command)
+        m = re.fullmatch(r"python planner\.py (.+)", command)
         assert m, f"{_rel(doc)}:{block['start']}: only planner output can be checked, got {command!r}"
         want = list(planner_output(m.group(1)))
         have = _trim([line.rstrip() for line in block["lines"]])

@@ -185,7 +185,7 @@ def test_task_accuracy_counts_greedy_answers(ckpt):
         out = generation.generate(model, [ids], 8, temperature=0.0, stop_ids=generation.stop_ids_of(tok))[0]
         said = tok.decode(out)
         rows.append({"prompt": p, "answer": said if i % 2 == 0 else said + "!", "family": "easy" if i < 2 else "hard"})
-    got = tasks.task_accuracy(model, tok, rows, max_new_tokens=8, batch_size=3)
+    got = tasks.task_accuracy(rows, generation.chat_answers(model, tok, [r["prompt"] for r in rows], 8, batch_size=3))
     assert got == {"accuracy": 0.5, "by_family": {"easy": 0.5, "hard": 0.5}, "n": 4}
 
 

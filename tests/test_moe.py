@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import MoEFeedForward, experts_from_hf, experts_to_hf
+from hf_checkpoint import experts_from_hf, experts_to_hf
+from moe import MoEFeedForward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
