@@ -360,7 +360,7 @@ def getattr_path(obj, dotted: str):
 def run_cli(main, cls, description: str = "", argv: list[str] | None = None, show_config: bool = True):
     """The entry point of every script: parse, print the config, run, turn user mistakes into one line.
 
-    `--dry-run` is spelled `dry_run=true` for the training scripts (launch.dry_run).
+    `--dry-run` is spelled `dry_run=true` for the training scripts (planner.dry_run).
     ConfigError / UserError -> `error: <message>` on stderr, exit 2, no traceback.
     Ctrl-C that the script did not handle itself -> exit 130.
     """

@@ -39,8 +39,7 @@ of width n_shared_experts * moe_intermediate_size whose output is added to the r
 
 Checkpoint layout: experts are stacked as `w1` (E,F,C), `w2` (E,C,F), `w3` (E,F,C) (Mixtral's
 names: w1 gate, w3 up, w2 down). `hf_checkpoint.experts_to_hf` / `experts_from_hf` convert to and from Mixtral's
-per-expert keys `...block_sparse_moe.experts.{j}.w1.weight`; model.py calls them when saving and
-loading.
+per-expert keys `...block_sparse_moe.experts.{j}.w1.weight` when a model is saved or loaded.
 
 Run the tests: `OMP_NUM_THREADS=1 python -m pytest -q tests/test_moe.py`
 Benchmark:     `python benchmarks/bench_moe.py`
