@@ -2,11 +2,13 @@
 
 Every script in this repo is run the same way:
 
-    python SCRIPT.py [CONFIG.yaml] [key=value ...]        # e.g. model.n_layers=4 lr=3e-4
+    python SCRIPT.py [CONFIG.yaml] [key=value ...]        # e.g. model.num_hidden_layers=6 lr=3e-4
     python SCRIPT.py --help                               # every key, its default and meaning
 
 A script's settings are one dataclass (fields may themselves be dataclasses: nested keys are
-dotted, `model.hidden_size=256`). The comment written after a field in the source becomes its
+dotted, `model.hidden_size=256`). A section whose class has `preset_values(name) -> dict` also takes a
+name: `model=0.5B` (or `model: 0.5B` in YAML) fills the whole section from that preset first, and
+`model.KEY=VALUE` changes one key on top. The comment written after a field in the source becomes its
 `--help` text, so the dataclass stays the single place that documents a setting.
 
 Rules (ARCHITECTURE.md, contract 1):
@@ -203,6 +205,18 @@ def _apply(cfg, values: dict, errors: list[str], where: str, from_cli: bool, pre
             errors.append(f"{where}: unknown key '{full}'{_suggest(full, options)}")
             continue
         tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, str) and hasattr(tp, "preset_values"):
+            # A section given a name is a preset: `model=0.5B` sets every key of the section from that file,
+            # starting from the class defaults, so nothing of an earlier preset survives. Keys given after it
+            # (`model.num_hidden_layers=6`, or a later source) change single values on top.
+            try:
+                preset = tp.preset_values(value)
+            except ValueError as e:
+                errors.append(f"{where}: '{full}' {e}")
+                continue
+            setattr(cfg, key, tp())
+            _apply(getattr(cfg, key), preset, errors, f"{where}: preset {value!r}", from_cli=False, prefix=full + ".")
+            continue
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 errors.append(f"{where}: '{full}' is a section; give its keys, e.g. {full}.<key>=...")
@@ -286,10 +300,14 @@ def parse_args(cls, argv: list[str] | None = None):
             errors.append(f"command line: '{item}' has no key (use key=value)")
             continue
         dotted[key.strip()] = value
-    try:
-        _apply(cfg, _nest(dotted), errors, "command line", from_cli=True)
-    except ConfigError as e:
-        errors.append(str(e))
+    # A section's preset (`model=0.5B`) is applied before that section's single keys (`model.dim=...`), whatever
+    # their order on the command line.
+    presets = {k: v for k, v in dotted.items() if "." not in k and any(d.startswith(k + ".") for d in dotted)}
+    for group in (presets, {k: v for k, v in dotted.items() if k not in presets}):
+        try:
+            _apply(cfg, _nest(group), errors, "command line", from_cli=True)
+        except ConfigError as e:
+            errors.append(str(e))
     errors += _validate(cfg)  # a value that did not convert kept its default, so validation still makes sense
     if errors:
         more = f" (+{len(errors) - 1} more: " + "; ".join(errors[1:]) + ")" if len(errors) > 1 else ""

@@ -125,20 +125,26 @@ class ModelConfig:
         return self.n_experts > 0 and (self.moe_layers is None or i in self.moe_layers)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        """Read configs/model/NAME.yaml; unknown keys are an error, overrides win over the file."""
-        path = os.path.join(PRESET_DIR, f"{name}.yaml")
+    def preset_values(cls, name: str) -> dict:
+        """The keys of a preset: configs/model/NAME.yaml, or a model YAML of one's own given by its path. The
+        training configs use it for `model=NAME` (config.py); unknown keys are an error."""
+        path = name if name.endswith((".yaml", ".yml")) else os.path.join(PRESET_DIR, f"{name}.yaml")
         if not os.path.isfile(path):
             known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
-            raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
-        with open(path) as f:
+            raise ValueError(f"unknown model preset {name!r}: no file {path} (presets: {', '.join(known)})")
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
-        values.update(overrides)
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - allowed)
+        if not isinstance(values, dict):
+            raise ValueError(f"model preset {path} is not a mapping of key: value")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in model preset {path}")
-        return cls(**values)
+        return values
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """A preset (see preset_values) with `overrides` winning over the file."""
+        return cls(**{**cls.preset_values(name), **overrides})
 
     @classmethod
     def from_hf(cls, d: dict, **overrides) -> ModelConfig:

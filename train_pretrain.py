@@ -35,7 +35,7 @@ import torch
 
 import distributed
 import train_common as tc
-from config import UserError, load_yaml, run_cli
+from config import UserError, run_cli, to_dict
 from generation import generate
 from hf_checkpoint import LazyStateDict
 from launch import attn_impl_errors, resolve_attn_impl
@@ -49,7 +49,9 @@ from tokenizer import Tokenizer
 class PretrainConfig(tc.TrainConfig):
     out_dir: str = "out/pretrain"  # where checkpoints, log.jsonl and the final model go
     data_dir: str = "data/builtin"  # token shards + tokenizer written by prepare_data.py
-    model: str = "tiny"  # model preset in configs/model/ (tiny, 0.5B, 0.8B-moe, ...) or a path to a model YAML
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig.from_preset("tiny")
+    )  # the network: model=NAME fills it from configs/model/NAME.yaml (or a model YAML's path), model.KEY=VALUE sets one key
     dropout: float = 0.0  # dropout on attention and residual branches
     attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
@@ -67,6 +69,13 @@ class PretrainConfig(tc.TrainConfig):
         if not 0.0 <= self.dropout < 1.0:
             errors.append("dropout must be in [0, 1)")
         errors += attn_impl_errors(self)
+        for key in ("attn_impl", "dropout", "gradient_checkpointing"):  # run choices, kept out of the shape
+            if getattr(self.model, key) != getattr(ModelConfig(), key):
+                errors.append(f"model.{key} is chosen per run: set {key}=... instead")
+        try:
+            ModelConfig(**to_dict(self.model))  # the shape fits together: heads divide the width, ...
+        except ValueError as e:
+            errors.append(f"model: {e}")
         if self.init_from:
             self.check_path(errors, "init_from", self.init_from, "checkpoint directory")
         return errors
@@ -78,18 +87,14 @@ def runtime_settings(cfg: PretrainConfig, attn_impl: str) -> dict:
 
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int, attn_impl: str) -> ModelConfig:
+    """cfg.model plus this run's choices; the embedding grows to cover the tokenizer (vocab_size 0: a dry run
+    without data). A shape that does not fit together (heads that do not divide the width, ...) is one line."""
+    values = {**to_dict(cfg.model), **runtime_settings(cfg, attn_impl)}
+    values["vocab_size"] = max(values["vocab_size"], vocab_size)
     try:
-        if cfg.model.endswith((".yaml", ".yml")):  # a model YAML of the user's own, same keys as the presets
-            mcfg = ModelConfig(**load_yaml(cfg.model))
-        else:
-            mcfg = ModelConfig.from_preset(cfg.model)
+        return ModelConfig(**values)
     except (TypeError, ValueError) as e:
         raise UserError(f"model: {e}") from None
-    if vocab_size and (vocab_size > mcfg.vocab_size or cfg.model == "tiny"):  # 0: no tokenizer (a dry run)
-        mcfg.vocab_size = vocab_size  # size the embedding to the tokenizer we trained
-    for key, value in runtime_settings(cfg, attn_impl).items():
-        setattr(mcfg, key, value)
-    return mcfg
 
 
 @torch.no_grad()
@@ -257,7 +262,7 @@ def main(cfg: PretrainConfig) -> None:
             break
 
     # ---- finish ----
-    run.finish(step, f"pretrain {cfg.model}")
+    run.finish(step, f"pretrain, {cfg.model.num_hidden_layers} layers x {cfg.model.hidden_size}")
 
 
 def flatten_moe_metrics(metrics: dict) -> dict:

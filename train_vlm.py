@@ -37,7 +37,7 @@ import distributed
 import lora
 import train_common as tc
 import vlm_data
-from config import UserError, load_yaml, run_cli
+from config import UserError, run_cli, to_dict
 from launch import attn_impl_errors, resolve_attn_impl
 from model import ModelConfig, Transformer
 from planner import dry_run
@@ -51,8 +51,10 @@ class VLMTrainConfig(tc.TrainConfig):
     stage: str = "both"  # 1 | 2 | both; stage 2 starts from OUT/stage1 when it exists, else from a fresh projector
     seq_len: int = 64  # longest conversation in tokens, image slots included (longer ones are cut)
     # ---- models ----
-    lm: str = ""  # language-model checkpoint dir (e.g. out/pretrain); "" = a fresh LM from lm_preset
-    lm_preset: str = "tiny"  # model preset in configs/model/ or a model YAML, for a fresh LM
+    lm: str = ""  # language-model checkpoint dir (e.g. out/pretrain); "" = a fresh LM shaped by lm_model
+    lm_model: ModelConfig = field(
+        default_factory=lambda: ModelConfig.from_preset("tiny")
+    )  # a fresh LM's shape: lm_model=NAME fills it from configs/model/NAME.yaml (or a YAML path), lm_model.KEY=VALUE one key
     tokenizer_dir: str = "data/builtin"  # tokenizer for a fresh LM (a checkpoint dir brings its own)
     attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton, for the LM and vision tower
     vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower's shape
@@ -89,6 +91,10 @@ class VLMTrainConfig(tc.TrainConfig):
         if self.train_lm not in ("full", "lora", "frozen"):
             errors.append(f"train_lm must be full, lora or frozen, not '{self.train_lm}'")
         errors += attn_impl_errors(self)
+        try:
+            ModelConfig(**to_dict(self.lm_model))  # the shape fits together: heads divide the width, ...
+        except ValueError as e:
+            errors.append(f"lm_model: {e}")
         if self.parallel not in ("auto", "none", "ddp", "torch_ddp"):
             errors.append("parallel must be auto, none, ddp or torch_ddp for the VLM (FSDP is not wired for it)")
         if self.compile:
@@ -144,16 +150,13 @@ def fresh_language_model(cfg: VLMTrainConfig, vocab_size: int, attn_impl: str) -
 
 
 def language_model_config(cfg: VLMTrainConfig, vocab_size: int, attn_impl: str) -> ModelConfig:
+    """A fresh LM: cfg.lm_model with the embedding grown to cover the tokenizer and this run's kernel."""
+    values = {**to_dict(cfg.lm_model), "attn_impl": attn_impl}
+    values["vocab_size"] = max(values["vocab_size"], vocab_size)
     try:
-        if cfg.lm_preset.endswith((".yaml", ".yml")):
-            mcfg = ModelConfig(**load_yaml(cfg.lm_preset))
-        else:
-            mcfg = ModelConfig.from_preset(cfg.lm_preset)
+        return ModelConfig(**values)
     except (TypeError, ValueError) as e:
-        raise UserError(f"lm_preset: {e}") from None
-    mcfg.vocab_size = max(mcfg.vocab_size, vocab_size)
-    mcfg.attn_impl = attn_impl
-    return mcfg
+        raise UserError(f"lm_model: {e}") from None
 
 
 def build_model(cfg: VLMTrainConfig, stage: int, tokenizer: Tokenizer, attn_impl: str, device) -> tuple[VLM, str]:

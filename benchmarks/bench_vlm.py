@@ -120,7 +120,7 @@ def main() -> None:
 
     base = [args.config, f"eval_every={args.eval_every}", *overrides]
     if args.micro:
-        base += [f"lm_preset={os.path.join(ROOT, 'tests', 'fixtures', 'model_micro.yaml')}", "vision.hidden_size=64",
+        base += [f"lm_model={os.path.join(ROOT, 'tests', 'fixtures', 'model_micro.yaml')}", "vision.hidden_size=64",
                  "vision.intermediate_size=176", "vision.num_hidden_layers=1", "n_test=100"]  # fmt: skip
     vision = parse_args(train_vlm.VLMTrainConfig, base).vision
     bench_encoder(vision, args.batch, args.repeats)

@@ -142,3 +142,59 @@ def test_run_cli_exits_with_one_line(tmp_path):
         assert bad.stderr.strip().count("\n") == 0 and needle in bad.stderr and "Traceback" not in bad.stderr
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "steps" in helped.stdout and "how many" in helped.stdout
+
+
+# ----------------------------------------------------------------------------- sections with presets (model=NAME)
+
+
+def test_model_preset_then_single_keys_in_any_order(tmp_path):
+    """train_pretrain's `model` section: a preset fills it from configs/model/NAME.yaml, dotted keys change one key
+    on top, whatever their order on the command line; a later preset starts again from the file."""
+    import yaml
+
+    from train_pretrain import PretrainConfig
+
+    with open("configs/model/0.5B.yaml") as fh:
+        want = yaml.safe_load(fh)  # the file itself is the reference
+    for argv in (["model=0.5B", "model.num_hidden_layers=6"], ["model.num_hidden_layers=6", "model=0.5B"]):
+        cfg = parse_args(PretrainConfig, argv)
+        assert cfg.model.num_hidden_layers == 6
+        assert cfg.model.hidden_size == want["hidden_size"] and cfg.model.vocab_size == want["vocab_size"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  hidden_size: 128\n  num_attention_heads: 4\n  num_key_value_heads: 2\n")
+    cfg = parse_args(PretrainConfig, [str(recipe), "model=tiny"])  # the later preset resets the YAML's keys
+    assert (cfg.model.hidden_size, cfg.model.num_attention_heads) == (256, 8)
+    cfg = parse_args(PretrainConfig, [str(recipe)])  # keys without a preset change the default (tiny) shape
+    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_hidden_layers) == (128, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["model=huge"], "'model' unknown model preset 'huge'"),
+        (
+            ["model.num_hidden_layer=3"],
+            "unknown key 'model.num_hidden_layer' (did you mean 'model.num_hidden_layers'?)",
+        ),
+        (["model.hidden_size=250"], "model: hidden_size=250 is not divisible by num_attention_heads"),
+        (["model.attn_impl=naive"], "model.attn_impl is chosen per run: set attn_impl=... instead"),
+    ],
+)
+def test_model_section_errors_are_one_line(argv, needle):
+    from train_pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(PretrainConfig, [*argv, "data_dir=tests"])  # data_dir: any dir, its meta.json error is listed too
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_build_model_config_follows_the_section():
+    from train_pretrain import PretrainConfig, build_model_config
+
+    cfg = parse_args(
+        PretrainConfig, ["model=tiny", "model.num_hidden_layers=2", "model.hidden_size=128", "dropout=0.1"]
+    )
+    mcfg = build_model_config(cfg, vocab_size=5000, attn_impl="naive")
+    assert (mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.intermediate_size) == (2, 128, 704)
+    assert mcfg.vocab_size == 5000 and mcfg.attn_impl == "naive" and mcfg.dropout == 0.1
+    assert build_model_config(cfg, vocab_size=100, attn_impl="sdpa").vocab_size == 4096  # never shrinks below

@@ -302,7 +302,7 @@ def test_example_stream_resumes_exactly():
 
 
 def train_args(tiny_data_dir, out_dir, **kw):
-    args = dict(out_dir=out_dir, tokenizer_dir=tiny_data_dir, lm_preset=MICRO_MODEL, stage1_steps=8, stage1_lr=1e-3,
+    args = dict(out_dir=out_dir, tokenizer_dir=tiny_data_dir, lm_model=MICRO_MODEL, stage1_steps=8, stage1_lr=1e-3,
                 steps=8, lr=1e-3, min_lr=1e-4, warmup_steps=4, batch_size=16, micro_batch_size=16, seq_len=48,
                 n_caption=256, n_train=512, n_test=64, families="[colour]", eval_every=0, log_every=1,
                 save_every=100, progress="false", device="cpu", seed=0, **{f"vision.{k}": v for k, v in VISION.items()})  # fmt: skip
