@@ -1,5 +1,7 @@
 """Fine-tuning support: what SFT, DPO and GRPO share below their loops.
 
+- the settings: `FinetuneConfig` (base, data, task accuracy, LoRA / QLoRA, with their checks) and `ReplayConfig`
+  (plus a dataset split, packing and replay, for SFT and DPO);
 - the data: conversations from a .jsonl file or a dataset (`load_conversations`), one conversation rendered
   into (x, y) with the loss on assistant tokens only (`render_example`), a micro-batch right-padded
   (`collate`) or packed into few rows (`pack`), and a seeded, resumable example order (`ExampleSampler`);
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -24,10 +28,101 @@ import lora
 import tasks
 from config import UserError
 from hf_checkpoint import resolve_checkpoint
-from launch import is_sharded
+from launch import TrainConfig, attn_impl_errors, is_sharded
 from model import ModelConfig, Transformer
 from shards import TokenStream
 from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """The settings SFT, DPO and GRPO share: the base and its tokenizer, the training rows, the held-out task
+    accuracy, full / LoRA / QLoRA, and the run choices of the network. Each stage subclasses it (SFT and DPO
+    through ReplayConfig) with its own data and loss keys, and may give a key a different default."""
+
+    plain_base: ClassVar[bool] = False  # DPO, GRPO: the base is also the reference, so not a LoRA adapter dir
+
+    base: str = "out/pretrain"  # the model to fine-tune: our checkpoint dir, an HF Llama dir, or hf:ORG/NAME
+    tokenizer: str = ""  # dir holding tokenizer.model (default: the base dir)
+    data: str = ""  # training rows: a .jsonl file (or, for SFT and DPO, a dataset name)
+    max_examples: int = 0  # use at most this many training rows (0 = all)
+    eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for exact-match accuracy ('' = none)
+    eval_tasks_n: int = 300  # task rows per accuracy pass (the first n)
+    eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
+    eval_at_start: bool = True  # also evaluate the starting model before the first step (the "before" number)
+    finetune: str = "lora"  # full | lora | qlora
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # module name suffixes that get adapters
+    lora_r: int = 8  # adapter rank
+    lora_alpha: float = 16.0  # adapter scale numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    double_quant: bool = False  # qlora: also quantize the NF4 block constants (QLoRA section 3)
+    base_dtype: str = "auto"  # dtype of the frozen base: auto (bf16 for (q)lora on GPU, else float32) | float32 | ...
+    merge_at_end: bool = True  # (q)lora: also write OUT/merged, the base with adapters folded in
+    dropout: float = 0.0  # dropout on attention and residual branches (generation and a reference run without)
+    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
+    # Fine-tuning defaults differ from pretraining: short warmup, no weight decay on adapters.
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.finetune not in ("full", "lora", "qlora"):
+            errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
+        # A hub id is resolved (downloaded) in main, not while validating.
+        found = not self.base.startswith("hf:") and self.check_path(errors, "base", self.base, "checkpoint directory")
+        if found and self.plain_base and os.path.isfile(os.path.join(self.base, "adapter_config.json")):
+            merged = os.path.join(self.base, "merged")
+            hint = f"; use its merged model {merged}" if os.path.isdir(merged) else ""
+            errors.append(f"base: '{self.base}' is a LoRA adapter dir; this stage needs a plain model{hint}")
+        if self.tokenizer:
+            self.check_path(errors, "tokenizer", self.tokenizer)
+        for key in ("data", "eval_tasks"):
+            if getattr(self, key).endswith(".jsonl"):
+                self.check_path(errors, key, getattr(self, key), "file")
+        errors += sharding_errors(self) + attn_impl_errors(self)
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            errors.append("lora_r and lora_alpha must be > 0")
+        if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
+            errors.append("lora_dropout and dropout must be in [0, 1)")
+        if not self.lora_targets:
+            errors.append("lora_targets must name at least one module")
+        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            errors.append(f"base_dtype must be auto, float32, bfloat16 or float16, not '{self.base_dtype}'")
+        if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
+            errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
+        if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
+            errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
+        return errors
+
+
+@dataclass
+class ReplayConfig(FinetuneConfig):
+    """FinetuneConfig for stages that read fixed rows (SFT, DPO): a dataset split, packing, and replayed
+    pretraining text against forgetting."""
+
+    data_split: str = "train"  # split to read when `data` is a dataset (hub or local)
+    pack: bool = False  # pack each micro-batch's sequences into fewer seq_len rows: same loss, less padding
+    replay_data: str = (
+        ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
+    )
+    replay_rows: int = 2  # replay rows of seq_len tokens per optimizer step (all ranks), spread over its micro-batches
+    replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the stage's loss
+
+    def validate(self) -> list[str]:
+        errors = super().validate()
+        if self.replay_data:
+            meta = os.path.join(self.replay_data, "meta.json")
+            self.check_path(errors, "replay_data", self.replay_data, "prepared data dir (meta.json)", probe=meta)
+        if self.replay_rows < 1 or self.replay_weight < 0:
+            errors.append("replay_rows must be >= 1 and replay_weight >= 0")
+        return errors
+
 
 # ----------------------------------------------------------------------------- data
 

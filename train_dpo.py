@@ -50,7 +50,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,7 @@ from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
     ExampleSampler,
+    ReplayConfig,
     collate,
     load_base,
     pack,
@@ -69,10 +70,9 @@ from finetune import (
     replay_stream,
     resolve_base,
     seek,
-    sharding_errors,
 )
 from generation import chat_answers
-from launch import attn_impl_errors, resolve_attn_impl
+from launch import resolve_attn_impl
 from planner import dry_run
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
@@ -292,73 +292,29 @@ def precompute_reference(model, pairs: list, batch_size: int, pad_id: int, devic
 
 
 @dataclass
-class DPOConfig(tc.TrainConfig):
+class DPOConfig(ReplayConfig):
+    plain_base = True  # the base is also the reference
+
     out_dir: str = "out/dpo"  # where checkpoints, log.jsonl, the adapter and the merged model go
     base: str = "out/sft/merged"  # the model to improve, which is also the reference: ours or an HF Llama dir
-    tokenizer: str = ""  # dir holding tokenizer.model (default: the base dir)
     data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of preference pairs, or a hub dataset name
-    data_split: str = "train"  # split to read when `data` is a hub dataset
-    max_examples: int = 0  # use at most this many pairs (0 = all)
-    eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for exact-match accuracy ('' = none)
-    eval_tasks_n: int = 300  # task rows per accuracy pass (the first n)
-    eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
-    eval_at_start: bool = True  # also evaluate the starting model before the first step (the "before" number)
     beta: float = 0.1  # strength of the KL pull toward the reference (the reward is beta * log-ratio)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
     label_smoothing: float = 0.0  # assumed label-flip probability: conservative DPO (sigmoid) or robust DPO
     rpo_alpha: float = 0.0  # weight of an extra NLL loss on the chosen completions (RPO; 0 = plain DPO)
     ref: str = "auto"  # reference: auto (adapters_off for (q)lora, copy for full) | adapters_off | copy | precompute
-    finetune: str = "lora"  # full | lora | qlora
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # module name suffixes that get adapters
-    lora_r: int = 8  # adapter rank
-    lora_alpha: float = 16.0  # adapter scale numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA)
-    lora_dropout: float = 0.0  # dropout on the adapter input
-    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
-    double_quant: bool = False  # qlora: also quantize the NF4 block constants (QLoRA section 3)
-    base_dtype: str = "auto"  # dtype of the frozen base: auto (bf16 for (q)lora on GPU, else float32) | float32 | ...
-    merge_at_end: bool = True  # (q)lora: also write OUT/merged, the base with adapters folded in
-    dropout: float = 0.0  # dropout on attention and residual branches (the reference always runs without)
-    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
     # DPO defaults: short runs, pairs of two sequences each, small steps away from the reference.
     steps: int = 200  # optimizer steps in the whole run
     batch_size: int = 32  # pairs per optimizer step (2x sequences), summed over ranks and accumulation
     micro_batch_size: int = 8  # pairs per forward/backward on one rank (2x rows in the forward)
     seq_len: int = 128  # max tokens of prompt + completion (the prompt is cut from the left beyond it)
-    pack: bool = False  # pack each micro-batch's 2B sequences into fewer seq_len rows: same log-probs, less padding
-    replay_data: str = (
-        ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
-    )
-    replay_rows: int = 2  # replay rows of seq_len tokens per optimizer step (all ranks), spread over its micro-batches
-    replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the DPO loss
     lr: float = 5e-5  # peak learning rate
     min_lr: float = 5e-6  # learning rate at the end of the decay
-    warmup_steps: int = 10  # linear warmup from 0 to lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
     eval_every: int = 50  # steps between task-accuracy passes (0 = only at the end)
     save_every: int = 100  # steps between checkpoints (the last step is always saved)
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if self.finetune not in ("full", "lora", "qlora"):
-            errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        base_found = not self.base.startswith("hf:") and self.check_path(
-            errors, "base", self.base, "checkpoint directory"
-        )
-        if base_found and os.path.isfile(os.path.join(self.base, "adapter_config.json")):
-            hint = (
-                f"; use its merged model {self.base}/merged" if os.path.isdir(os.path.join(self.base, "merged")) else ""
-            )
-            errors.append(f"base: '{self.base}' is a LoRA adapter dir, DPO needs a plain model{hint}")
-        if self.tokenizer:
-            self.check_path(errors, "tokenizer", self.tokenizer)
-        if self.eval_tasks:
-            self.check_path(errors, "eval_tasks", self.eval_tasks, "file")
-        if self.data.endswith(".jsonl"):
-            self.check_path(errors, "data", self.data, "file")
-        errors += sharding_errors(self) + attn_impl_errors(self)
         if self.beta <= 0:
             errors.append("beta must be > 0")
         if self.loss_type not in LOSS_TYPES:
@@ -371,19 +327,8 @@ class DPOConfig(tc.TrainConfig):
             errors.append(f"ref must be auto, adapters_off, copy or precompute, not '{self.ref}'")
         if self.ref == "adapters_off" and self.finetune == "full":
             errors.append("ref=adapters_off needs finetune=lora or qlora (full fine-tuning has no adapters)")
-        if self.lora_r <= 0 or self.lora_alpha <= 0:
-            errors.append("lora_r and lora_alpha must be > 0")
-        if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
-            errors.append("lora_dropout and dropout must be in [0, 1)")
         if self.seq_len < 16:
             errors.append("seq_len must be >= 16 (room for a prompt and a completion)")
-        if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
-            errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
-        if self.replay_data:
-            meta = os.path.join(self.replay_data, "meta.json")
-            self.check_path(errors, "replay_data", self.replay_data, "prepared data dir (meta.json)", probe=meta)
-        if self.replay_rows < 1 or self.replay_weight < 0:
-            errors.append("replay_rows must be >= 1 and replay_weight >= 0")
         return errors
 
 

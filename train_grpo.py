@@ -60,9 +60,9 @@ import lora
 import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
-from finetune import ExampleSampler, collate, load_base, plan_base_config, resolve_base, sharding_errors
+from finetune import ExampleSampler, FinetuneConfig, collate, load_base, plan_base_config, resolve_base
 from generation import chat_answers, generate
-from launch import attn_impl_errors, resolve_attn_impl
+from launch import resolve_attn_impl
 from planner import dry_run
 from tasks import TEST_KEYS, exact_match, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
@@ -232,17 +232,13 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 
 @dataclass
-class GRPOConfig(tc.TrainConfig):
+class GRPOConfig(FinetuneConfig):
+    plain_base = True  # the base is also the reference
+
     out_dir: str = "out/grpo"  # where checkpoints, log.jsonl, the adapter and the merged model go
     base: str = "out/sft/merged"  # the model to improve (and the reference): ours or an HF Llama dir
-    tokenizer: str = ""  # dir holding tokenizer.model (default: the base dir)
     data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of prompts with answers (prompt/answer, DPO or chat rows)
     families: list[str] = field(default_factory=list)  # keep only rows with these "family" values (empty = all)
-    max_examples: int = 0  # use at most this many prompts (0 = all)
-    eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for greedy exact-match accuracy ('' = none)
-    eval_tasks_n: int = 300  # task rows per accuracy pass (the first n)
-    eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
-    eval_at_start: bool = True  # also evaluate the starting model before the first step (the "before" number)
     group_size: int = 8  # G: completions sampled per prompt (the group that forms the baseline)
     max_new_tokens: int = 16  # longest completion; also the dr_grpo normalizer
     temperature: float = (
@@ -257,20 +253,6 @@ class GRPOConfig(tc.TrainConfig):
     updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu); > 1 makes the clip act
     track_kl: bool = True  # run the reference and log the KL even when beta == 0 (one no-grad forward per batch)
     ref: str = "auto"  # reference for the KL: auto (adapters_off for (q)lora, copy for full) | adapters_off | copy
-    finetune: str = "lora"  # full | lora | qlora
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # module name suffixes that get adapters
-    lora_r: int = 8  # adapter rank
-    lora_alpha: float = 16.0  # adapter scale numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA)
-    lora_dropout: float = 0.0  # dropout on the adapter input
-    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
-    double_quant: bool = False  # qlora: also quantize the NF4 block constants (QLoRA section 3)
-    base_dtype: str = "auto"  # dtype of the frozen base: auto (bf16 for (q)lora on GPU, else float32) | float32 | ...
-    merge_at_end: bool = True  # (q)lora: also write OUT/merged, the base with adapters folded in
-    dropout: float = 0.0  # dropout on attention and residual branches (rollouts and the reference run without)
-    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
     # GRPO defaults: batch_size counts completions (prompts x group_size) per batch of rollouts.
     steps: int = 100  # optimizer steps in the whole run (a multiple of updates_per_batch)
     batch_size: int = 64  # completions per batch of rollouts, summed over ranks: batch_size / group_size prompts
@@ -279,25 +261,11 @@ class GRPOConfig(tc.TrainConfig):
     lr: float = 5e-5  # peak learning rate
     min_lr: float = 5e-6  # learning rate at the end of the decay
     warmup_steps: int = 5  # linear warmup from 0 to lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
     eval_every: int = 50  # steps between task-accuracy passes (0 = only at the end)
     save_every: int = 50  # steps between checkpoints (a multiple of updates_per_batch; the last step is saved)
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if self.finetune not in ("full", "lora", "qlora"):
-            errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        base_found = not self.base.startswith("hf:") and self.check_path(
-            errors, "base", self.base, "checkpoint directory"
-        )
-        if base_found and os.path.isfile(os.path.join(self.base, "adapter_config.json")):
-            errors.append(f"base: '{self.base}' is a LoRA adapter dir, GRPO needs a plain model (its merged/ dir)")
-        if self.tokenizer:
-            self.check_path(errors, "tokenizer", self.tokenizer)
-        for key in ("data", "eval_tasks"):
-            if getattr(self, key):
-                self.check_path(errors, key, getattr(self, key), "file")
-        errors += attn_impl_errors(self)
         if self.group_size < 2:
             errors.append("group_size must be >= 2 (the baseline is the mean of the group)")
         elif self.batch_size % self.group_size:
@@ -322,14 +290,6 @@ class GRPOConfig(tc.TrainConfig):
             errors.append("ref=adapters_off needs finetune=lora or qlora (full fine-tuning has no adapters)")
         if self.parallel in ("fsdp", "torch_fsdp2"):
             errors.append("parallel: GRPO runs with none or ddp (rollouts need the whole model on each rank)")
-        else:
-            errors += sharding_errors(self)
-        if self.lora_r <= 0 or self.lora_alpha <= 0:
-            errors.append("lora_r and lora_alpha must be > 0")
-        if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
-            errors.append("lora_dropout and dropout must be in [0, 1)")
-        if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
-            errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
         return errors
 
 

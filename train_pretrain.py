@@ -38,7 +38,7 @@ import train_common as tc
 from config import UserError, run_cli, to_dict
 from generation import generate
 from hf_checkpoint import LazyStateDict
-from launch import attn_impl_errors, resolve_attn_impl
+from launch import TrainConfig, attn_impl_errors, resolve_attn_impl
 from model import ModelConfig, Transformer
 from planner import dry_run
 from shards import TokenStream
@@ -46,7 +46,7 @@ from tokenizer import Tokenizer
 
 
 @dataclass
-class PretrainConfig(tc.TrainConfig):
+class PretrainConfig(TrainConfig):
     out_dir: str = "out/pretrain"  # where checkpoints, log.jsonl and the final model go
     data_dir: str = "data/builtin"  # token shards + tokenizer written by prepare_data.py
     model: ModelConfig = field(

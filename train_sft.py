@@ -71,6 +71,7 @@ from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
     ExampleSampler,
+    ReplayConfig,
     add_replay,
     collate,
     load_base,
@@ -81,11 +82,10 @@ from finetune import (
     replay_stream,
     resolve_base,
     seek,
-    sharding_errors,
     val_loss,
 )
 from generation import chat_answers
-from launch import attn_impl_errors, resolve_attn_impl
+from launch import resolve_attn_impl
 from planner import dry_run
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
@@ -94,80 +94,23 @@ from tokenizer import Tokenizer, extend_with_chat_tokens
 
 
 @dataclass
-class SFTConfig(tc.TrainConfig):
+class SFTConfig(ReplayConfig):
     out_dir: str = "out/sft"  # where checkpoints, log.jsonl, the adapter and the merged model go
-    base: str = "out/pretrain"  # base checkpoint dir: ours or a Hugging Face Llama dir
-    tokenizer: str = ""  # dir holding tokenizer.model (default: the base dir)
-    data: str = "data/builtin/sft_train.jsonl"  # .jsonl file, local dataset file/dir, or hub dataset name
-    data_split: str = "train"  # split to read when `data` is a dataset (hub or local), e.g. train_sft
+    data: str = "data/builtin/sft_train.jsonl"  # conversations: .jsonl file, local dataset file/dir, or hub dataset
     families: list[str] = field(default_factory=list)  # keep only rows with these "family" values (empty = all)
-    max_examples: int = 0  # use at most this many training conversations (0 = all)
     val_data: str = "data/builtin/sft_test.jsonl"  # conversations for the validation loss, like `data` ('' = none)
     val_split: str = "test"  # split to read when `val_data` is a dataset, e.g. test_sft
-    eval_tasks: str = "data/builtin/test.jsonl"  # {"prompt","answer"} rows for exact-match accuracy ('' = none)
-    eval_tasks_n: int = 300  # task rows per accuracy pass (the first n after the family filter)
-    eval_max_new_tokens: int = 16  # greedy tokens generated per task prompt
-    eval_at_start: bool = True  # also evaluate the base model before the first step (the "before" number)
-    finetune: str = "lora"  # full | lora | qlora
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )  # module name suffixes that get adapters
-    lora_r: int = 8  # adapter rank
-    lora_alpha: float = 16.0  # adapter scale numerator: scaling = alpha / r (or alpha / sqrt(r) with rsLoRA)
-    lora_dropout: float = 0.0  # dropout on the adapter input
-    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
-    double_quant: bool = False  # qlora: also quantize the NF4 block constants (QLoRA section 3)
-    base_dtype: str = (
-        "auto"  # dtype of the frozen base: auto (bf16 for (q)lora on GPU, else float32) | float32 | bfloat16
-    )
-    merge_at_end: bool = True  # (q)lora: also write OUT/merged, the base with adapters folded in
-    dropout: float = 0.0  # dropout on attention and residual branches
-    attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward to save memory
-    pack: bool = False  # pack each micro-batch's conversations into fewer seq_len rows: same loss, less padding
-    replay_data: str = (
-        ""  # a prepared data dir whose train text joins every micro-batch, against forgetting ('' = none)
-    )
-    replay_rows: int = 2  # replay rows of seq_len tokens per optimizer step (all ranks), spread over its micro-batches
-    replay_weight: float = 1.0  # weight of the replay loss (mean per replay token) added to the SFT loss
-    # SFT defaults differ from pretraining: fewer steps, short warmup, no weight decay on adapters.
+    # SFT defaults: a few hundred steps at a LoRA-sized learning rate.
     steps: int = 300  # optimizer steps in the whole run
     lr: float = 2e-4  # peak learning rate
     min_lr: float = 2e-5  # learning rate at the end of the decay
     warmup_steps: int = 20  # linear warmup from 0 to lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
     eval_every: int = 100  # steps between evaluations (0 = only at the end)
 
     def validate(self) -> list[str]:
         errors = super().validate()
-        if self.finetune not in ("full", "lora", "qlora"):
-            errors.append(f"finetune must be full, lora or qlora, not '{self.finetune}'")
-        if not self.base.startswith("hf:"):  # a hub id is resolved (downloaded) in main, not while validating
-            self.check_path(errors, "base", self.base, "checkpoint directory")
-        if self.tokenizer:
-            self.check_path(errors, "tokenizer", self.tokenizer)
-        for key in ("data", "val_data", "eval_tasks"):
-            if getattr(self, key).endswith(".jsonl"):
-                self.check_path(errors, key, getattr(self, key), "file")
-        errors += sharding_errors(self)
-        if self.lora_r <= 0 or self.lora_alpha <= 0:
-            errors.append("lora_r and lora_alpha must be > 0")
-        if not (0.0 <= self.lora_dropout < 1.0 and 0.0 <= self.dropout < 1.0):
-            errors.append("lora_dropout and dropout must be in [0, 1)")
-        if not self.lora_targets:
-            errors.append("lora_targets must name at least one module")
-        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            errors.append(f"base_dtype must be auto, float32, bfloat16 or float16, not '{self.base_dtype}'")
-        if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
-            errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
-        errors += attn_impl_errors(self)
-        if self.replay_data:
-            meta = os.path.join(self.replay_data, "meta.json")
-            self.check_path(errors, "replay_data", self.replay_data, "prepared data dir (meta.json)", probe=meta)
-        if self.replay_rows < 1 or self.replay_weight < 0:
-            errors.append("replay_rows must be >= 1 and replay_weight >= 0")
-        if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:
-            errors.append("eval_tasks_n and max_examples must be >= 0, eval_max_new_tokens > 0")
+        if self.val_data.endswith(".jsonl"):
+            self.check_path(errors, "val_data", self.val_data, "file")
         return errors
 
 

@@ -38,7 +38,7 @@ import lora
 import train_common as tc
 import vlm_data
 from config import UserError, run_cli, to_dict
-from launch import attn_impl_errors, resolve_attn_impl
+from launch import TrainConfig, attn_impl_errors, resolve_attn_impl
 from model import ModelConfig, Transformer
 from planner import dry_run
 from tokenizer import Tokenizer
@@ -46,7 +46,7 @@ from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
 
 
 @dataclass
-class VLMTrainConfig(tc.TrainConfig):
+class VLMTrainConfig(TrainConfig):
     out_dir: str = "out/vlm"  # stage 1 writes OUT/stage1, stage 2 (the final VLM) writes OUT
     stage: str = "both"  # 1 | 2 | both; stage 2 starts from OUT/stage1 when it exists, else from a fresh projector
     seq_len: int = 64  # longest conversation in tokens, image slots included (longer ones are cut)

@@ -20,8 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch import TrainConfig  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from train_common import TrainConfig, guess_peak_flops, make_optimizer  # noqa: E402
+from train_common import guess_peak_flops, make_optimizer  # noqa: E402
 
 # ~50M parameters: 8 layers x 512 wide with a 32k vocabulary (the embedding is 16M of it).
 MID_50M = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,

@@ -222,25 +222,25 @@ def test_dry_run_refuses_what_a_real_run_would(sandbox, monkeypatch, capsys):
     ],
 )
 def test_batch_split(batch, micro, world, want):
-    cfg = tc.TrainConfig(batch_size=batch, micro_batch_size=micro)
+    cfg = launch.TrainConfig(batch_size=batch, micro_batch_size=micro)
     got = launch.batch_split(cfg, world)
     assert got == want and got[0] * got[1] * world == batch
 
 
 def test_batch_split_errors_say_what_works():
     with pytest.raises(UserError, match=r"batch_size 15 is not divisible by the 2 processes.*14 or batch_size=16"):
-        launch.batch_split(tc.TrainConfig(batch_size=15), 2)
+        launch.batch_split(launch.TrainConfig(batch_size=15), 2)
     with pytest.raises(UserError, match=r"batch_size 4 is not divisible by the 8 processes.*batch_size=8$"):
-        launch.batch_split(tc.TrainConfig(batch_size=4), 8)
+        launch.batch_split(launch.TrainConfig(batch_size=4), 8)
 
 
 def test_parallel_auto():
-    assert launch.resolve_parallel(tc.TrainConfig(), 1) == "none"
-    assert launch.resolve_parallel(tc.TrainConfig(), 4) == "ddp"
-    assert launch.resolve_parallel(tc.TrainConfig(parallel="fsdp"), 4) == "fsdp"
-    assert launch.resolve_parallel(tc.TrainConfig(parallel="none"), 1) == "none"
+    assert launch.resolve_parallel(launch.TrainConfig(), 1) == "none"
+    assert launch.resolve_parallel(launch.TrainConfig(), 4) == "ddp"
+    assert launch.resolve_parallel(launch.TrainConfig(parallel="fsdp"), 4) == "fsdp"
+    assert launch.resolve_parallel(launch.TrainConfig(parallel="none"), 1) == "none"
     with pytest.raises(UserError, match="parallel=none with 4 processes"):
-        launch.resolve_parallel(tc.TrainConfig(parallel="none"), 4)
+        launch.resolve_parallel(launch.TrainConfig(parallel="none"), 4)
 
 
 # ----------------------------------------------------------------------------- one owner per runtime decision
@@ -259,7 +259,7 @@ def test_device_is_decided_once(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert distributed.pick_device("auto", local_rank=1) == torch.device("cuda:1")
     assert distributed.pick_device("cuda:0", local_rank=1) == torch.device("cuda:0")
-    run = tc.Run(tc.TrainConfig(device="cpu", batch_size=8, micro_batch_size=8), "test")
+    run = tc.Run(launch.TrainConfig(device="cpu", batch_size=8, micro_batch_size=8), "test")
     try:
         assert run.device == run.dist.device == torch.device("cpu") and run.dist.backend == "gloo"
         assert run.dtype == torch.float32 and (run.micro, run.accum, run.parallel) == (8, 1, "none")

@@ -20,6 +20,7 @@ from conftest import MICRO_MODEL, ROOT
 from safetensors.torch import load_file
 
 import checkpoint
+import launch
 import train_common as tc
 import train_pretrain
 from config import UserError, parse_args
@@ -60,18 +61,18 @@ def final_weights(out_dir):
 
 
 def test_lr_schedule_values():
-    cfg = tc.TrainConfig(steps=101, lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
+    cfg = launch.TrainConfig(steps=101, lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
     assert tc.lr_at(0, cfg) == pytest.approx(0.1)  # warmup: (step+1)/warmup * lr
     assert tc.lr_at(9, cfg) == pytest.approx(1.0)
     assert tc.lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
     # halfway through the decay (steps 10..100): min + (max-min)/2
     assert tc.lr_at(55, cfg) == pytest.approx(0.55)
     assert tc.lr_at(100, cfg) == pytest.approx(0.1)
-    wsd = tc.TrainConfig(steps=100, lr=1.0, min_lr=0.0, warmup_steps=10, schedule="wsd", decay_frac=0.2)
+    wsd = launch.TrainConfig(steps=100, lr=1.0, min_lr=0.0, warmup_steps=10, schedule="wsd", decay_frac=0.2)
     assert tc.lr_at(50, wsd) == 1.0 and tc.lr_at(80, wsd) == 1.0  # stable until the last 20 steps
     assert tc.lr_at(99, wsd) == pytest.approx(0.0)
     assert tc.lr_at(89, wsd) == pytest.approx(1.0 - 9 / 19)  # linear decay over steps 80..99
-    const = tc.TrainConfig(steps=50, lr=0.5, min_lr=0.0, warmup_steps=0, schedule="constant")
+    const = launch.TrainConfig(steps=50, lr=0.5, min_lr=0.0, warmup_steps=0, schedule="constant")
     assert all(tc.lr_at(s, const) == 0.5 for s in range(50))
 
 
