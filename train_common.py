@@ -360,7 +360,6 @@ class Run:
         self.logger.truncate_after(self.start_step if ckpt is not None else -1)
         if self.master and cfg.progress:
             self.progress = tqdm(total=cfg.steps, initial=self.start_step, desc=self.stage, dynamic_ncols=True)
-        self.t_last, self.step_last = time.perf_counter(), self.start_step
         return self.start_step
 
     def count_bad_steps(self, step: int, applied: bool) -> None:
@@ -379,13 +378,6 @@ class Run:
             where = f"; the last good checkpoint is {good[-1]}" if good else ""
             self.stop.restore()
             raise UserError(f"stopping: {self.bad_in_a_row} non-finite steps in a row at step {step + 1}{where}")
-
-    def throughput(self, step: int, tokens_per_step: int) -> float:
-        """Tokens per second since the last call (all ranks together)."""
-        now = time.perf_counter()
-        tok_s = tokens_per_step * (step - self.step_last) / max(now - self.t_last, 1e-9)
-        self.t_last, self.step_last = now, step
-        return tok_s
 
     def log(self, record: dict) -> None:
         self.logger.log(record)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -188,6 +189,7 @@ def main(cfg: PretrainConfig) -> None:
     # ---- training loop ----
     step = run.resume(load_weights, data=train_data)
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    t_last, tokens_last = time.perf_counter(), step * tokens_per_step  # for tokens/s since the last log line
     while step < cfg.steps:
         lr = tc.lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -227,12 +229,14 @@ def main(cfg: PretrainConfig) -> None:
         # ---- logging, eval, samples, checkpoints ----
         done = step == cfg.steps
         if step % cfg.log_every == 0 or done:
-            tok_per_s = run.throughput(step, tokens_per_step)
+            now, tokens = time.perf_counter(), step * tokens_per_step
+            tok_per_s = (tokens - tokens_last) / max(now - t_last, 1e-9)  # all ranks together
+            t_last, tokens_last = now, tokens
             record = {
                 "step": step,
                 "loss": loss_mean.item(),
                 "lr": lr,
-                "tokens": step * tokens_per_step,
+                "tokens": tokens,
                 "tok_per_s": tok_per_s,
                 "mfu": flops_per_token * tok_per_s / (peak * run.world_size),
                 "grad_norm": grad_norm.item(),

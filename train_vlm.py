@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -247,6 +248,7 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
     # ---- training loop ----
     step = run.resume(load_weights, data=stream)
     seen_tokens = 0  # sequence positions (image slots and padding included) fed since this process started
+    t_last, step_last = time.perf_counter(), step  # for images/s since the last log line
     while step < scfg.steps:
         lr = tc.lr_at(step, scfg)
         for group in optimizer.param_groups:
@@ -289,7 +291,9 @@ def run_stage(cfg: VLMTrainConfig, stage: int, leave_group: bool = True) -> bool
         # ---- logging, eval, checkpoints ----
         done = step == scfg.steps
         if step % cfg.log_every == 0 or done:
-            img_per_s = run.throughput(step, cfg.batch_size)
+            now = time.perf_counter()
+            img_per_s = cfg.batch_size * (step - step_last) / max(now - t_last, 1e-9)  # all ranks together
+            t_last, step_last = now, step
             record = {"step": step, "loss": loss_mean.item(), "lr": lr, "tokens": seen_tokens,
                       "img_per_s": img_per_s, "tok_per_s": img_per_s * tokens / cfg.batch_size,
                       "grad_norm": grad_norm.item(), "stage": stage}  # fmt: skip
