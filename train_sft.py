@@ -55,7 +55,6 @@ sample.py, eval.py and transformers. Tokenizer files are copied into every outpu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -297,13 +296,6 @@ def main(cfg: SFTConfig) -> None:
         # sample.py, eval.py and transformers read like any other model.
         run.print(f"merged model in {write_merged(raw_model, cfg.out_dir, tok_dir)}")
     run.finish(step, f"sft {cfg.finetune} from {os.path.basename(base_dir)}")
-
-
-def summarize(out_dir: str) -> dict:
-    """{"before": first task accuracy, "after": last} from log.jsonl (for the benchmark and the README)."""
-    with open(os.path.join(out_dir, "log.jsonl")) as fh:
-        accs = [r for r in map(json.loads, fh) if "task_acc" in r]
-    return {"before": accs[0]["task_acc"], "after": accs[-1]["task_acc"]} if accs else {}
 
 
 if __name__ == "__main__":
