@@ -13,8 +13,8 @@ gradients are the mean over the whole batch, exactly as one big batch would give
 
 What happens where (one step: this file, then train_common, distributed, shards, model, moe):
 - this file: the loop, forward, loss / accum, backward, unscale, clip, optimizer.step(), zero_grad();
-- train_common.py: settings, AdamW groups, LR schedule, the non-finite check, `Run` (checkpoints, log.jsonl,
-  signals, the bad-step policy);
+- train_common.py: AdamW groups, LR schedule, the non-finite check, `Run` (checkpoints, log.jsonl, signals,
+  the bad-step policy); the settings themselves are launch.TrainConfig, the model's a ModelConfig section;
 - distributed.py: ranks, DDP / FSDP wrappers, the global gradient norm;
 - shards.TokenStream: the batches, positioned exactly on resume;
 - model.py / moe.py: the network (MoE auxiliary losses are added here and logged apart).
