@@ -21,7 +21,7 @@ SFT      := out/sft/DONE
 DPO      := out/dpo/DONE
 GRPO     := out/grpo/DONE
 
-.PHONY: setup setup-test demo demo-rl data pretrain sft dpo grpo eval samples test mutate lint gpu-check demo-vlm figures clean FORCE
+.PHONY: setup setup-test demo demo-rl data pretrain sft dpo grpo eval samples test mutate lint gpu-check demo-vlm figures results clean FORCE
 
 setup: $(ENV_DEP) ## the pinned runtime dependencies (CPU torch on these machines)
 	$(PIP) install -q -r requirements.txt
@@ -65,8 +65,8 @@ grpo: $(GRPO)
 $(GRPO): $(SFT) $(_force)
 	$(PY) train_grpo.py configs/grpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
-eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy; out/summary.png
-	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged plot=out/summary.png
+eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy; out/summary.png, out/eval.json
+	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged plot=out/summary.png save=out/eval.json
 
 samples: $(DPO)   ## a few answers from each stage
 	@for ckpt in out/pretrain out/sft/merged out/dpo/merged; do \
@@ -91,6 +91,9 @@ mutate: setup-test ## realistic bugs, one at a time in a scratch copy: which doe
 
 lint: setup-test
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
+
+results: setup    ## the demo's numbers (out/eval.json, logs, data/builtin/meta.json) into docs/results/demo.json, which the docs quote
+	$(PY) docs/make_results.py out_dir=out data_dir=data/builtin
 
 figures: setup    ## re-draw the tutorial's PNGs in docs/img/ (loss curves from out/, skipped when a run is missing)
 	$(PY) docs/make_figures.py out_dir=out

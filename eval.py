@@ -4,6 +4,7 @@
     python eval.py checkpoint=out/sft data=notes/*.txt tasks= choices=   # only the text loss of some files
     python eval.py compare=out/pretrain,out/sft,out/dpo              # side-by-side table: base -> SFT -> DPO
     python eval.py compare=out/pretrain,out/sft,out/dpo plot=out/summary.png   # ... and the summary figure
+    python eval.py compare=out/pretrain,out/sft,out/dpo save=out/eval.json     # ... and the JSON in a file
     python eval.py --help
 
 What is measured (each part is skipped when its input is set to ""):
@@ -36,7 +37,9 @@ What is measured (each part is skipped when its input is set to ""):
                           there, so the other three stay at chance (0.25) for every stage.
 
 The last line of stdout is one JSON object with every metric (ARCHITECTURE.md, contract 4); with
-`compare=` a table comes first and the JSON holds one entry per checkpoint.
+`compare=` a table comes first and the JSON holds one entry per checkpoint. `save=PATH` also writes that
+object to a file (`make demo` keeps its numbers in out/eval.json; docs/make_results.py copies them into
+docs/results/demo.json, the file the numbers quoted in the README and chapters are checked against).
 
 For standard benchmarks run lm-evaluation-harness on the same directory (it loads our checkpoints
 through transformers): lm_eval --model hf --model_args pretrained=out/sft --tasks hellaswag,arc_easy
@@ -232,6 +235,7 @@ class EvalConfig:
     max_new_tokens: int = 24  # generation budget per task answer
     batch_size: int = 8  # sequences per forward
     plot: str = ""  # with compare=: also draw accuracy by stage and family and val loss by stage into this PNG
+    save: str = ""  # also write the metrics JSON (the last line printed) to this .json file; "" = print only
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     quantize: str = ""  # nf4: block linears stored in 4 bits (lora.quantize_nf4); "" = as loaded
@@ -253,6 +257,8 @@ class EvalConfig:
             errors.append("batch_size and max_new_tokens must be > 0")
         if self.plot and not self.plot.endswith(".png"):
             errors.append(f"plot: '{self.plot}' must be a .png path")
+        if self.save and not self.save.endswith(".json"):
+            errors.append(f"save: '{self.save}' must be a .json path")
         return errors
 
     def checkpoints(self) -> list[str]:
@@ -374,6 +380,11 @@ def main(cfg: EvalConfig) -> dict:
         out = {"compare": results}
     else:
         out = results[0]
+    if cfg.save:  # the same object as the printed line, indented for people who read the file
+        os.makedirs(os.path.dirname(cfg.save) or ".", exist_ok=True)
+        with open(cfg.save, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=1)
+            fh.write("\n")
     print(json.dumps(out), flush=True)  # contract 4: the last line of stdout is the metrics JSON
     return out
 

@@ -279,11 +279,12 @@ def test_compare_prints_a_table_then_json(ckpt, tmp_path, capsys):
     Transformer.from_pretrained(ckpt).save_pretrained(second, tokenizer_dir=ckpt)
     text = tmp_path / "t.txt"
     text.write_text("A dog finds the long road after dinner.\n")
-    png = tmp_path / "summary.png"
-    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices=", f"plot={png}"]
+    png, saved = tmp_path / "summary.png", tmp_path / "results" / "eval.json"
+    argv = [f"compare={ckpt},{second}", f"data={text}", "tasks=", "choices=", f"plot={png}", f"save={saved}"]
     lines = run_eval(argv, capsys).strip().splitlines()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the summary figure was drawn
     final = json.loads(lines[-1])
+    assert json.loads(saved.read_text()) == final  # save= writes the printed object, floats exact
     assert [r["checkpoint"] for r in final["compare"]] == [ckpt, second]
     header = next(i for i, line in enumerate(lines) if line.startswith("metric"))
     assert ckpt in lines[header] and second in lines[header]
@@ -309,6 +310,7 @@ def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path, tiny_data_dir, capsys):
         [f"checkpoint={tmp_path / 'nope'}", "tasks=", "choices="],
         [f"checkpoint={ckpt}", f"data={bad_shards}", "tasks=", "choices="],  # truncated shard
         [f"checkpoint={ckpt}", "data=", f"tasks={tiny_data_dir}/sft_train.jsonl", "choices="],  # wrong keys
+        [f"checkpoint={ckpt}", "data=", "tasks=", "choices=", f"save={tmp_path / 'eval.txt'}"],  # not .json
     ]
     for argv in cases:
         with pytest.raises(SystemExit) as e:
