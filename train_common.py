@@ -8,7 +8,8 @@ must exist exactly once lives here (STYLE.md rule 11):
   (parallel=auto, the micro x accum x world split, device, dtype, the dry run) is decided in launch.py.
 - `param_groups` / `make_optimizer`: AdamW with weight decay on matrices only. Norm gains and biases
   are not decayed: shrinking them toward zero changes what the layer computes rather than
-  regularizing it (as in GPT-2 / nanoGPT practice).
+  regularizing it (as in GPT-2 / nanoGPT practice). optimizer=muon trains the hidden matrices with
+  Muon (muon.py) and the rest with AdamW, in one optimizer.
 - `lr_at(step)`: linear warmup, then cosine or warmup-stable-decay (WSD, Hu et al. 2024, MiniCPM),
   a pure function of the step so that a resumed run continues the same curve.
 - Checkpoints (ARCHITECTURE.md contract 2) are written by checkpoint.py, called from `Run`:
@@ -47,6 +48,7 @@ from checkpoint import (
 )
 from config import UserError, save_config, to_dict
 from launch import batch_split, is_sharded, resolve_dtype, resolve_parallel
+from muon import Muon
 
 # ----------------------------------------------------------------------------- settings
 
@@ -64,6 +66,10 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     decay_frac: float = 0.2  # wsd only: fraction of the steps spent decaying at the end
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
+    optimizer: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on embeddings, head, norms; muon.py)
+    muon_lr: float = 0.02  # optimizer=muon: peak lr of the hidden matrices (on lr's schedule, times muon_lr / lr)
+    muon_momentum: float = 0.95  # optimizer=muon: momentum of the hidden matrices (Nesterov)
+    muon_weight_decay: float = 0.0  # optimizer=muon: decoupled weight decay of the hidden matrices
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
@@ -112,6 +118,15 @@ class TrainConfig:
             errors.append("decay_frac must be in (0, 1]")
         if self.weight_decay < 0 or self.grad_clip < 0:
             errors.append("weight_decay and grad_clip must be >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            errors.append(f"optimizer must be adamw or muon, not '{self.optimizer}'")
+        if self.optimizer == "muon" and self.parallel in ("fsdp", "torch_fsdp2"):
+            # Muon orthogonalizes whole matrices; FSDP gives each rank a slice. Gathering first is not written here.
+            errors.append(
+                f"optimizer=muon needs whole weight matrices on each rank: use parallel=ddp, not {self.parallel}"
+            )
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
+            errors.append("muon_lr must be > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             errors.append("beta1 and beta2 must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -161,7 +176,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    """A 2-D weight inside the blocks (attention and MLP projections): what Muon trains. The embedding (a lookup),
+    the output head and MoE routers (`...gate.weight`, E x C) stay with AdamW, as in modded-nanogpt / nanochat."""
+    return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name and not name.endswith("gate.weight")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
+        ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        # One lr schedule for every group (the loop sets group["lr"]); the matrices run at muon_lr / lr times it.
+        muon_group = {"params": hidden, "muon": True, "lr_scale": cfg.muon_lr / cfg.lr,
+                      "weight_decay": cfg.muon_weight_decay}  # fmt: skip
+        adam_groups = param_groups(torch.nn.ParameterList(rest), cfg.weight_decay)
+        return Muon([muon_group, *adam_groups], lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2))
     # The fused CUDA kernel updates every parameter in one launch; on CPU the foreach path is fastest.
     fused = device.type == "cuda"
     return torch.optim.AdamW(
