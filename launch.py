@@ -46,6 +46,10 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     decay_frac: float = 0.2  # wsd only: fraction of the steps spent decaying at the end
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
+    optimizer: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on embeddings, head, norms; muon.py)
+    muon_lr: float = 0.02  # optimizer=muon: peak lr of the hidden matrices (on lr's schedule, times muon_lr / lr)
+    muon_momentum: float = 0.95  # optimizer=muon: momentum of the hidden matrices (Nesterov)
+    muon_weight_decay: float = 0.0  # optimizer=muon: decoupled weight decay of the hidden matrices
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
@@ -94,6 +98,15 @@ class TrainConfig:
             errors.append("decay_frac must be in (0, 1]")
         if self.weight_decay < 0 or self.grad_clip < 0:
             errors.append("weight_decay and grad_clip must be >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            errors.append(f"optimizer must be adamw or muon, not '{self.optimizer}'")
+        if self.optimizer == "muon" and self.parallel in SHARDED_MODES:
+            # Muon orthogonalizes whole matrices; FSDP gives each rank a slice. Gathering first is not written here.
+            errors.append(
+                f"optimizer=muon needs whole weight matrices on each rank: use parallel=ddp, not {self.parallel}"
+            )
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
+            errors.append("muon_lr must be > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             errors.append("beta1 and beta2 must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -8,7 +8,8 @@ must exist exactly once lives here (STYLE.md rule 11):
   device, dtype) is decided there too.
 - `param_groups` / `make_optimizer`: AdamW with weight decay on matrices only. Norm gains and biases
   are not decayed: shrinking them toward zero changes what the layer computes rather than
-  regularizing it (as in GPT-2 / nanoGPT practice).
+  regularizing it (as in GPT-2 / nanoGPT practice). optimizer=muon trains the hidden matrices with
+  Muon (muon.py) and the rest with AdamW, in one optimizer.
 - `lr_at(step)`: linear warmup, then cosine or warmup-stable-decay (WSD, Hu et al. 2024, MiniCPM),
   a pure function of the step so that a resumed run continues the same curve.
 - Checkpoints (ARCHITECTURE.md contract 2) are written by checkpoint.py, called from `Run`:
@@ -46,6 +47,8 @@ from checkpoint import (
 )
 from config import UserError, save_config, to_dict
 from launch import TrainConfig, batch_split, is_sharded, resolve_dtype, resolve_parallel
+from muon import Muon
+
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
@@ -67,7 +70,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    """A 2-D weight inside the blocks (attention and MLP projections): what Muon trains. The embedding (a lookup),
+    the output head and MoE routers (`...gate.weight`, E x C) stay with AdamW, as in modded-nanogpt / nanochat."""
+    return p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name and not name.endswith("gate.weight")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)]
+        ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        # One lr schedule for every group (the loop sets group["lr"]); the matrices run at muon_lr / lr times it.
+        muon_group = {"params": hidden, "muon": True, "lr_scale": cfg.muon_lr / cfg.lr,
+                      "weight_decay": cfg.muon_weight_decay}  # fmt: skip
+        adam_groups = param_groups(torch.nn.ParameterList(rest), cfg.weight_decay)
+        return Muon([muon_group, *adam_groups], lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2))
     # The fused CUDA kernel updates every parameter in one launch; on CPU the foreach path is fastest.
     fused = device.type == "cuda"
     return torch.optim.AdamW(

@@ -145,7 +145,11 @@ def test_readme_pretrain_command_under_torchrun_equals_one_process(tiny_data_dir
     torchrun([*cmd, *pretrain_args(tiny_data_dir, two)[1:]])  # the yaml is the README's own
     saved = json.load(open(os.path.join(two, "train_config.json")))
     assert saved["parallel"] == "auto" and saved["batch_size"] == 16 and saved["micro_batch_size"] == 16
-    assert_same_run(one, two)
+    # The recipe trains with Muon (muon.py): Newton-Schulz lifts weak gradient directions by up to ~480x, in bfloat16,
+    # so the fp32 reduction-order noise of 2 ranks moves block weights by up to ~6e-4 after 4 steps (measured). A DDP
+    # bug (a rank stepping on its own half-batch gradient) changes the orthogonalized update itself, ~muon_lr = 0.02
+    # per step: atol 2e-3 tells the two apart. Losses still agree to 1e-5.
+    assert_same_run(one, two, atol=2e-3)
 
 
 def test_sft_recipe_under_torchrun_equals_one_process(tiny_data_dir, micro_base, tmp_path):

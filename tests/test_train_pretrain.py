@@ -86,6 +86,21 @@ def test_param_groups_decay_matrices_only():
     assert tc.param_groups(torch.nn.ParameterList([flat]), 0.1)[0]["params"] == [flat]
 
 
+def test_muon_groups_and_fsdp_refusal(tiny_data_dir, tmp_path):
+    """optimizer=muon: the block matrices go to Muon, the embedding and norms to AdamW; FSDP stops at start-up."""
+    model = train_pretrain.Transformer(train_pretrain.build_model_config(
+        parse_args(train_pretrain.PretrainConfig, base_args(tiny_data_dir, str(tmp_path))), 0, "sdpa"))  # fmt: skip
+    opt = tc.make_optimizer(model, launch.TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
+    muon, decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and "layers." in names[id(p)] for p in muon["params"]) and muon["lr_scale"] == 20.0
+    assert [names[id(p)] for p in decay["params"]] == ["model.embed_tokens.weight"]
+    assert {p.dim() for p in no_decay["params"]} == {1}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    proc = run_subprocess(base_args(tiny_data_dir, str(tmp_path / "o"), optimizer="muon", parallel="fsdp"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "optimizer=muon" in proc.stderr
+
+
 def test_bad_config_is_one_line(tiny_data_dir, tmp_path):
     proc = run_subprocess(base_args(tiny_data_dir, str(tmp_path / "o"), batch_size=0, lr=-1, modle=1))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -109,11 +124,13 @@ def test_accumulation_equals_one_big_batch(tiny_data_dir, tmp_path):
     assert lb.keys() == la.keys() and all(abs(lb[s] - la[s]) < 1e-5 for s in lb)
 
 
-def test_exact_resume_in_a_new_process(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_in_a_new_process(tiny_data_dir, tmp_path, optimizer):
     """12 steps straight == 5 steps, exit, a new process resumes to 12: bit-identical losses and weights.
-    dropout > 0 makes the restored RNG state matter; the data position must be restored exactly too."""
+    dropout > 0 makes the restored RNG state matter; the data position must be restored exactly too.
+    With Muon the momentum buffers and the AdamW moments of the other tensors come back from one safetensors file."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    common = dict(dropout=0.1, save_every=100)
+    common = dict(dropout=0.1, save_every=100, optimizer=optimizer)
     assert run_subprocess(base_args(tiny_data_dir, straight, **common)).returncode == 0
     first = run_subprocess(base_args(tiny_data_dir, split, stop_after_steps=5, **common))
     assert first.returncode == 0 and "saved step 5" in first.stdout
