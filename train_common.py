@@ -49,7 +49,6 @@ from config import UserError, save_config, to_dict
 from launch import TrainConfig, batch_split, is_sharded, resolve_dtype, resolve_parallel
 from muon import Muon
 
-
 # ----------------------------------------------------------------------------- optimizer and schedule
 
 
