@@ -31,6 +31,10 @@ Key choices:
 - Tokenization goes through tokenizer.render_prompt_completion, so the prompt/completion boundary is exact
   (no piece merges across it, BOS once). Too long: the prompt is cut from the left (BOS kept), because the
   completion is what is scored.
+- `pairs`: static trains on the rows' own (chosen, rejected); on_policy samples k answers per prompt from the
+  policy with the KV cache, judges them by exact match (never runs them) and pairs a right answer with the
+  policy's own most frequent wrong one, in rounds every `pair_every` steps (iterative / online DPO;
+  preference_pairs.py).
 - `rpo_alpha` > 0 adds an NLL term on the chosen answer (RPO, Pang et al. 2024). Plain DPO may lower the
   likelihood of both answers; on tiny models that breaks the answer format, and the demo recipe uses it.
 - Data loading, batching (right padding) and the resumable sampler are train_sft's; the checkpoint files
