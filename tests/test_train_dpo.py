@@ -28,8 +28,9 @@ import train_dpo
 import train_sft
 from config import UserError, load_yaml, parse_args
 from model import ModelConfig, Transformer
+from preference_pairs import tokenize_pair
 from tokenizer import Tokenizer
-from train_dpo import completion_logps, dpo_loss, make_batch, reference_logps, tokenize_pair
+from train_dpo import completion_logps, dpo_loss, make_batch, reference_logps
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -162,11 +163,11 @@ def test_pair_formats_and_one_line_errors(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     user_q = [{"role": "user", "content": "q"}]
-    assert train_dpo.read_pairs(str(path)) == [(user_q, "a", "b"), (user_q, "a", "b")]
+    assert preference_pairs.read_pairs(str(path)) == [(user_q, "a", "b"), (user_q, "a", "b")]
     same = {**conv, "rejected": conv["chosen"]}
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n" + json.dumps(same) + "\n")
     with pytest.raises(ValueError, match=rf"^{path} line 4: chosen and rejected are identical$"):
-        train_dpo.read_pairs(str(path))
+        preference_pairs.read_pairs(str(path))
     split = {**conv, "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}
     with pytest.raises(ValueError, match="line 1: chosen and rejected conversations differ"):
         preference_pairs.to_pair(split, "x line 1")
