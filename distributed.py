@@ -7,7 +7,7 @@ What lives here (and only here, so training scripts never look at ranks themselv
   picks the device (`pick_device`, the only place that decides it) and joins the process group: NCCL on GPUs, gloo
   on CPU. Run without torchrun it builds a one-process group in memory, so the
   single-process path is the same code with world_size 1 (every collective is then a no-op copy).
-- `print0`, `is_master`, `cleanup`, and `split_batch` for data.
+- `print0`, `is_master`, `cleanup`, `all_gather_objects`, and `split_batch` for data.
 - `DDP`: data parallelism written out. Rank 0's parameters and buffers are broadcast when wrapping, so every rank
   starts identical whatever it was seeded with. During backward, `Tensor.register_post_accumulate_grad_hook` tells us
   the moment each parameter's gradient is final; the gradient is copied into a flat bucket, and a full bucket is
@@ -114,6 +114,16 @@ def cleanup():
     if dist.is_initialized():
         dist.barrier()  # nobody tears down while a peer still has a collective in flight
         dist.destroy_process_group()
+
+
+def all_gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank, for small picklable Python values (e.g. judged samples);
+    [obj] without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def split_batch(x: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:

@@ -4,7 +4,7 @@
   (plus a dataset split, packing and replay, for SFT and DPO);
 - the data: conversations from a .jsonl file or a dataset (`load_conversations`), one conversation rendered
   into (x, y) with the loss on assistant tokens only (`render_example`), a micro-batch right-padded
-  (`collate`) or packed into few rows (`pack`), and a seeded, resumable example order (`ExampleSampler`);
+  (`collate`) or packed into few rows (`pack`); the seeded, resumable example order is shards.ExampleSampler;
 - replay: rows of pretraining text that join each SFT micro-batch against forgetting (`replay_stream`,
   `add_replay`);
 - the held-out loss per assistant token (`val_loss`);
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -221,42 +220,6 @@ def pack(examples: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int)
             doc[i, t : t + len(xs)] = j  # example j of the input list
             t += len(xs)
     return x, y, doc
-
-
-class ExampleSampler:
-    """Example indices in a fresh seeded permutation each epoch. The position is plain ints
-    (epoch, pos, tokens) so a checkpoint stores it as JSON and resume continues the same order."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self.epoch = self.pos = self.tokens = 0
-        self._perm_epoch, self._perm = -1, []
-
-    def _order(self) -> list[int]:
-        if self._perm_epoch != self.epoch:
-            self._perm = list(range(self.n))
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(self._perm)  # str seed: stable across runs
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def take(self, k: int) -> list[int]:
-        """The next k indices, continuing into the next epoch's permutation at the end of this one."""
-        out = []
-        while len(out) < k:
-            chunk = self._order()[self.pos : self.pos + k - len(out)]
-            out += chunk
-            self.pos += len(chunk)
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "tokens": self.tokens, "n": self.n}
-
-    def load_state_dict(self, d: dict) -> None:
-        if d.get("n", self.n) != self.n:
-            raise UserError(f"resume: the checkpoint was trained on {d['n']} examples, this data has {self.n}")
-        self.epoch, self.pos, self.tokens = d["epoch"], d["pos"], d.get("tokens", 0)
 
 
 # ----------------------------------------------------------------------------- replay of pretraining text

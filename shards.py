@@ -5,6 +5,9 @@ per token (u32: 2 or 4), token count (u64), 8 reserved bytes -- then the tokens 
 when the vocabulary does not fit in 16 bits). The header makes a truncated or foreign file an error
 that names it, instead of silent garbage.
 
+`ExampleSampler` is the same idea for fine-tuning rows (SFT, DPO, GRPO): example indices in a seeded order
+whose position is plain ints.
+
 `TokenStream` reads shards through np.memmap (the OS pages data in; nothing is loaded up front)
 and yields (x, y) batches. Its whole position is a few plain ints, so training resumes on exactly
 the batch it would have seen, and under data parallelism every rank takes its own rows of each
@@ -15,10 +18,13 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import struct
 
 import numpy as np
 import torch
+
+from config import UserError
 
 # ----------------------------------------------------------------------------- shard format
 
@@ -174,3 +180,42 @@ class TokenStream:
             have = f"seed={self.seed} n_rows={self.n_rows}"
             raise ValueError(f"data position is for seed={state['seed']} n_rows={state['n_rows']}, not {have}")
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+# ----------------------------------------------------------------------------- fine-tuning rows in a seeded order
+
+
+class ExampleSampler:
+    """Example indices in a fresh seeded permutation each epoch. The position is plain ints
+    (epoch, pos, tokens) so a checkpoint stores it as JSON and resume continues the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch = self.pos = self.tokens = 0
+        self._perm_epoch, self._perm = -1, []
+
+    def _order(self) -> list[int]:
+        if self._perm_epoch != self.epoch:
+            self._perm = list(range(self.n))
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(self._perm)  # str seed: stable across runs
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def take(self, k: int) -> list[int]:
+        """The next k indices, continuing into the next epoch's permutation at the end of this one."""
+        out = []
+        while len(out) < k:
+            chunk = self._order()[self.pos : self.pos + k - len(out)]
+            out += chunk
+            self.pos += len(chunk)
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "tokens": self.tokens, "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("n", self.n) != self.n:
+            raise UserError(f"resume: the checkpoint was trained on {d['n']} examples, this data has {self.n}")
+        self.epoch, self.pos, self.tokens = d["epoch"], d["pos"], d.get("tokens", 0)

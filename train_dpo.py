@@ -3,7 +3,7 @@
     python prepare_data.py configs/data_builtin.yaml        # built-in tasks, incl. data/builtin/dpo_train.jsonl
     python train_sft.py configs/sft_tiny.yaml               # the SFT model DPO starts from (out/sft/merged)
     python train_dpo.py configs/dpo_tiny.yaml               # LoRA DPO on the built-in pairs, ~40 s on 2 idle CPU cores
-    python train_dpo.py configs/dpo_tiny.yaml loss_type=ipo ref=precompute out_dir=out/dpo_ipo
+    python train_dpo.py configs/dpo_tiny.yaml loss_type=ipo pairs=static ref=precompute out_dir=out/dpo_ipo
     torchrun --nproc_per_node 8 train_dpo.py base=out/sft_big finetune=full ref=precompute lr=5e-7 min_lr=5e-8 \
         data=HuggingFaceH4/ultrafeedback_binarized data_split=train_prefs
 
@@ -31,6 +31,10 @@ Key choices:
 - Tokenization goes through tokenizer.render_prompt_completion, so the prompt/completion boundary is exact
   (no piece merges across it, BOS once). Too long: the prompt is cut from the left (BOS kept), because the
   completion is what is scored.
+- `pairs`: static trains on the rows' own (chosen, rejected); on_policy samples k answers per prompt from the
+  policy with the KV cache, judges them by exact match (never runs them) and pairs a right answer with the
+  policy's own most frequent wrong one, in rounds every `pair_every` steps (iterative / online DPO;
+  preference_pairs.py).
 - `rpo_alpha` > 0 adds an NLL term on the chosen answer (RPO, Pang et al. 2024). Plain DPO may lower the
   likelihood of both answers; on tiny models that breaks the answer format, and the demo recipe uses it.
 - Data loading, batching (right padding) and the resumable sampler are train_sft's; the checkpoint files
@@ -61,7 +65,6 @@ import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
-    ExampleSampler,
     ReplayConfig,
     collate,
     load_base,
@@ -74,6 +77,8 @@ from finetune import (
 from generation import chat_answers
 from launch import resolve_attn_impl
 from planner import dry_run
+from preference_pairs import OnPolicyPairs, read_hub_pairs, read_pairs, tokenize_pair
+from shards import ExampleSampler
 from tasks import TEST_KEYS, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 
@@ -177,80 +182,6 @@ def reference_logps(model, ref_model, batch) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data
 
 
-def to_pair(row: dict, where: str) -> tuple[list[dict], str, str]:
-    """One preference row -> (prompt messages, chosen text, rejected text). ValueError names `where`.
-
-    Accepted shapes: {"prompt": str | messages, "chosen": str, "rejected": str}; conversation pairs
-    {"chosen": messages, "rejected": messages} that share every turn but the last assistant answer (the
-    Anthropic HH layout); or {"prompt": str | messages, "chosen": [assistant msg], "rejected": [assistant msg]}.
-    """
-    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        for side, msgs in (("chosen", chosen), ("rejected", rejected)):
-            last = msgs[-1] if msgs else None
-            if (
-                not isinstance(last, dict)
-                or last.get("role") != "assistant"
-                or not isinstance(last.get("content"), str)
-            ):
-                raise ValueError(f"{where}: '{side}' must end with an assistant message")
-        if prompt is None:  # the shared history is the prompt
-            prompt = chosen[:-1]
-            if rejected[:-1] != prompt:
-                raise ValueError(f"{where}: chosen and rejected conversations differ before the last answer")
-        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
-    elif not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both be message lists")
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"{where}: needs a 'prompt' (a string or a message list)")
-    if chosen == rejected:
-        raise ValueError(f"{where}: chosen and rejected are identical")
-    return prompt, chosen, rejected
-
-
-def read_pairs(path: str) -> list[tuple[list[dict], str, str]]:
-    """A local jsonl file of preference rows -> [(prompt messages, chosen, rejected)]; errors name file and line."""
-    # load_jsonl does the JSON / UTF-8 / identical-pair checks with line numbers; `object` accepts any JSON
-    # value, because chosen/rejected may be strings or message lists (to_pair checks which).
-    rows = load_jsonl(path, {"chosen": object, "rejected": object})
-    with open(path, "rb") as fh:
-        lines = [n for n, raw in enumerate(fh, start=1) if raw.strip()]  # load_jsonl skips blank lines
-    return [to_pair(row, f"{path} line {n}") for row, n in zip(rows, lines, strict=True)]
-
-
-def read_hub_pairs(name: str, split: str) -> list[tuple[list[dict], str, str]]:
-    """A Hugging Face hub dataset with the same columns (needs the network once; cached after)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the hub raises many types (connection, missing split, auth): one line for all
-        raise UserError(f"hub_dataset {name} split {split}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    return [to_pair(row, f"{name} ({split}) row {i}") for i, row in enumerate(ds)]
-
-
-def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, seq_len: int):
-    """-> (prompt_ids, chosen_ids, rejected_ids); prompt + either completion is at most seq_len + 1 tokens
-    (seq_len inputs after the shift by one).
-
-    Both completions share the same (possibly shortened) prompt, so their log-probs stay comparable. Too
-    long: the prompt loses tokens from the left, after BOS; only a completion that leaves fewer than 8
-    prompt tokens is cut itself (from the right).
-    """
-    p, c = tokenizer.render_prompt_completion(prompt, chosen)
-    _, r = tokenizer.render_prompt_completion(prompt, rejected)
-    limit = seq_len + 1
-    min_prompt = min(len(p), 8)
-    budget = limit - max(len(c), len(r))  # tokens left for the prompt
-    if budget < min_prompt:
-        c, r, budget = c[: limit - min_prompt], r[: limit - min_prompt], min_prompt
-    if len(p) > budget:
-        p = p[:1] + p[len(p) - budget + 1 :]  # BOS, then the end of the prompt (the question and <|assistant|>)
-    return p, c, r
-
-
 def sequence_example(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
     """prompt + completion -> (x, y) for finetune.collate: y[t] = x[t+1] on completion tokens, else -1.
     The prediction made at the last prompt token (<|assistant|>) is the first completion token."""
@@ -298,6 +229,15 @@ class DPOConfig(ReplayConfig):
     out_dir: str = "out/dpo"  # where checkpoints, log.jsonl, the adapter and the merged model go
     base: str = "out/sft/merged"  # the model to improve, which is also the reference: ours or an HF Llama dir
     data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of preference pairs, or a hub dataset name
+    # static: train on the rows' own (chosen, rejected). on_policy: the policy answers each row's prompt
+    # samples_per_prompt times, exact match against the row's chosen judges, and a right answer is paired with
+    # the policy's own most frequent wrong one (preference_pairs.py; iterative DPO, Xu et al. 2023 / Guo et al. 2024).
+    pairs: str = "static"  # static | on_policy
+    samples_per_prompt: int = 4  # on_policy: answers sampled per prompt (k)
+    pair_prompts: int = 0  # on_policy: prompts sampled per round, a seeded draw (0 = all)
+    pair_every: int = 0  # on_policy: steps between rounds of fresh pairs from the current policy (0 = one round)
+    pair_temperature: float = 0.7  # on_policy: sampling temperature (lower: the mistakes greedy decoding makes)
+    pair_max_new_tokens: int = 16  # on_policy: longest sampled answer
     beta: float = 0.1  # strength of the KL pull toward the reference (the reward is beta * log-ratio)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
     label_smoothing: float = 0.0  # assumed label-flip probability: conservative DPO (sigmoid) or robust DPO
@@ -327,6 +267,14 @@ class DPOConfig(ReplayConfig):
             errors.append(f"ref must be auto, adapters_off, copy or precompute, not '{self.ref}'")
         if self.ref == "adapters_off" and self.finetune == "full":
             errors.append("ref=adapters_off needs finetune=lora or qlora (full fine-tuning has no adapters)")
+        if self.pairs not in ("static", "on_policy"):
+            errors.append(f"pairs must be static or on_policy, not '{self.pairs}'")
+        if self.pairs == "on_policy" and self.ref == "precompute":
+            errors.append("ref=precompute needs pairs=static (on-policy pairs are new every round)")
+        if self.samples_per_prompt < 1 or self.pair_prompts < 0 or self.pair_every < 0:
+            errors.append("samples_per_prompt must be >= 1, pair_prompts and pair_every >= 0")
+        if self.pair_temperature <= 0 or not 0 < self.pair_max_new_tokens <= self.seq_len - 8:
+            errors.append("pair_temperature must be > 0 and pair_max_new_tokens in [1, seq_len - 8]")
         if self.seq_len < 16:
             errors.append("seq_len must be >= 16 (room for a prompt and a completion)")
         return errors
@@ -357,19 +305,27 @@ def main(cfg: DPOConfig) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     rows = rows[: cfg.max_examples or None]
-    pairs = [tokenize_pair(tokenizer, *row, cfg.seq_len) for row in rows]  # [(prompt, chosen, rejected) ids]
+    pool = None  # on_policy: the pairs come per round from the policy's own samples (the training loop)
+    if cfg.pairs == "on_policy":
+        pool = OnPolicyPairs(rows, tokenizer, cfg.seq_len, cfg.seed, cfg.samples_per_prompt, cfg.pair_prompts,
+                             cfg.pair_every, cfg.pair_max_new_tokens, cfg.pair_temperature)  # fmt: skip
+    # [(prompt, chosen, rejected) ids]: static pairs now, on-policy ones at the start of each round
+    pairs = [tokenize_pair(tokenizer, *row, cfg.seq_len) for row in rows] if pool is None else []
     task_rows = []
     if cfg.eval_tasks and cfg.eval_tasks_n:
         try:
             task_rows = load_jsonl(cfg.eval_tasks, TEST_KEYS)[: cfg.eval_tasks_n]
         except ValueError as e:
             raise UserError(str(e)) from None
-    sampler = ExampleSampler(len(pairs), cfg.seed)
+    sampler = pool.sampler if pool is not None else ExampleSampler(len(pairs), cfg.seed)
     replay = None
     if cfg.replay_data:  # rows of pretraining text for every micro-batch, as in train_sft (finetune.py: replay)
         replay = replay_stream(cfg.replay_data, cfg.replay_rows, cfg.seq_len, tokenizer, run.rank, run.world_size,
                                run.accum, cfg.seed)  # fmt: skip
-    run.print(f"data: {len(pairs)} pairs, {sum(len(p) + len(c) + len(r) for p, c, r in pairs):,} tokens")
+    if pool is None:
+        run.print(f"data: {len(pairs)} pairs, {sum(len(p) + len(c) + len(r) for p, c, r in pairs):,} tokens")
+    else:
+        run.print(f"data: {len(pool.rows)} prompts, {pool.per_round} per round x {cfg.samples_per_prompt} samples")
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init: identical on every rank
@@ -396,7 +352,7 @@ def main(cfg: DPOConfig) -> None:
     def save(step: int) -> None:
         full_state = None if use_lora else run.full_state_dict()  # FSDP: gather the shards (collective)
         write = lambda path: write_finetuned(raw_model, path, tok_dir, base_dir, full_state)  # noqa: E731
-        run.save(step, write, data=sampler)
+        run.save(step, write, data=pool or sampler)  # on_policy: the round's pairs too
 
     def evaluate(step: int) -> None:
         if not (task_rows and run.master and not run.sharded):  # generation needs the whole model on one rank
@@ -410,7 +366,9 @@ def main(cfg: DPOConfig) -> None:
         run.print(f"step {step}: task accuracy {acc['accuracy']:.4f}")
 
     # ---- training loop ----
-    step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=sampler)
+    step = run.resume(lambda ckpt: read_finetuned(raw_model, model, ckpt, device), data=pool or sampler)
+    if pool is not None:
+        pairs, sampler = pool.pairs, pool.sampler  # a resumed round's pairs ([] on a fresh start)
     if replay is not None:
         seek(replay, step)  # its position is a function of the step: nothing to save
     if step == 0 and cfg.eval_at_start:
@@ -418,6 +376,13 @@ def main(cfg: DPOConfig) -> None:
     t_last, tokens_last = time.perf_counter(), sampler.tokens
     mb = run.micro
     while step < cfg.steps:
+        if pool is not None and pool.due(step):  # a new round: pairs from the policy as it is now
+            with run.autocast:
+                stats = pool.refresh(step, raw_model, run.rank, run.world_size, device)
+            pairs, sampler = pool.pairs, pool.sampler
+            run.log(stats)
+            run.print(f"step {step}: round {stats['pairs/round']}: {stats['pairs/n']} on-policy pairs, "
+                      f"sample accuracy {stats['pairs/sample_acc']:.3f}")  # fmt: skip
         lr = tc.lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -60,10 +60,11 @@ import lora
 import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
-from finetune import ExampleSampler, FinetuneConfig, collate, load_base, plan_base_config, resolve_base
+from finetune import FinetuneConfig, collate, load_base, plan_base_config, resolve_base
 from generation import chat_answers, generate
 from launch import resolve_attn_impl
 from planner import dry_run
+from shards import ExampleSampler
 from tasks import TEST_KEYS, exact_match, load_jsonl, task_accuracy
 from tokenizer import Tokenizer
 

@@ -69,7 +69,6 @@ import train_common as tc
 from checkpoint import read_finetuned, write_finetuned, write_merged
 from config import UserError, run_cli
 from finetune import (
-    ExampleSampler,
     ReplayConfig,
     add_replay,
     collate,
@@ -86,6 +85,7 @@ from finetune import (
 from generation import chat_answers
 from launch import resolve_attn_impl
 from planner import dry_run
+from shards import ExampleSampler
 from tasks import task_accuracy
 from tokenizer import Tokenizer, extend_with_chat_tokens
 

@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from preference_pairs import read_pairs, tokenize_pair  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from train_dpo import completion_logps, dpo_loss, make_batch, read_pairs, reference_logps, tokenize_pair  # noqa: E402
+from train_dpo import completion_logps, dpo_loss, make_batch, reference_logps  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

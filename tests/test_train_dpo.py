@@ -1,27 +1,36 @@
 """train_dpo.py: the loss variants against hand-computed values and a direct gradient formula, completion
 log-probs against a manual sum, the adapters-off reference against the base model, data handling, exact
-resume, and a short run on the built-in pairs that learns the preferences without hurting task accuracy.
+resume, a short run on the built-in pairs that learns the preferences without hurting task accuracy, and
+on-policy pairs (preference_pairs.py): the pair builder on hand-made samples, a judge that never runs model
+text, rank-sharded sampling that gathers one list, and an on-policy run that resumes exactly.
 
 Runs use the micro model (tests/fixtures/model_micro.yaml) and the synthetic data prepared once by the
 `tiny_data_dir` fixture; the "SFT model" DPO starts from is made here with train_sft.
 """
 
+import ast
+import builtins
 import json
 import math
 import os
+import random
 
 import pytest
 import torch
-from conftest import MICRO_MODEL
+from conftest import MICRO_MODEL, spawn
 from safetensors.torch import load_file
 
+import distributed
 import lora
+import preference_pairs
+import tasks
 import train_dpo
 import train_sft
 from config import UserError, load_yaml, parse_args
 from model import ModelConfig, Transformer
+from preference_pairs import tokenize_pair
 from tokenizer import Tokenizer
-from train_dpo import completion_logps, dpo_loss, make_batch, reference_logps, tokenize_pair
+from train_dpo import completion_logps, dpo_loss, make_batch, reference_logps
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -154,14 +163,14 @@ def test_pair_formats_and_one_line_errors(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     user_q = [{"role": "user", "content": "q"}]
-    assert train_dpo.read_pairs(str(path)) == [(user_q, "a", "b"), (user_q, "a", "b")]
+    assert preference_pairs.read_pairs(str(path)) == [(user_q, "a", "b"), (user_q, "a", "b")]
     same = {**conv, "rejected": conv["chosen"]}
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n" + json.dumps(same) + "\n")
     with pytest.raises(ValueError, match=rf"^{path} line 4: chosen and rejected are identical$"):
-        train_dpo.read_pairs(str(path))
+        preference_pairs.read_pairs(str(path))
     split = {**conv, "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}
     with pytest.raises(ValueError, match="line 1: chosen and rejected conversations differ"):
-        train_dpo.to_pair(split, "x line 1")
+        preference_pairs.to_pair(split, "x line 1")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -293,3 +302,91 @@ def test_identical_pair_stops_with_file_and_line(tiny_data_dir, sft_dir, tmp_pat
         run_dpo(dpo_args(tiny_data_dir, sft_dir, str(tmp_path / "o"), data=str(path)))
     with pytest.raises(Exception, match="ref=adapters_off needs finetune=lora"):
         parse_args(train_dpo.DPOConfig, dpo_args(tiny_data_dir, sft_dir, "o", ref="adapters_off", finetune="full"))
+
+
+# ----------------------------------------------------------------------------- on-policy pairs
+
+
+def test_pair_builder_on_hand_made_samples():
+    """chosen: the policy's own right sample (whitespace and all) when it has one, else the reference answer;
+    rejected: its most frequent wrong sample (first seen on a tie); no pair when every sample is right."""
+    build = preference_pairs.build_pair
+    assert build([" 3", "4", "5", "4"], "3") == (" 3", "4")  # own right answer; "4" twice beats "5" once
+    assert build(["4", "5", "5", "[3]"], "3") == ("3", "5")  # nothing right: the reference answer is chosen
+    assert build(["'ab'", "ab"], "'ab'") == ("'ab'", "ab")  # quotes matter (tasks.exact_match)
+    assert build(["x", "y"], "z") == ("z", "x")  # a tie: the first seen
+    assert build(["3", " 3 ", "3"], "3") is None  # all right: nothing to push against
+    assert build([], "3") is None
+
+
+def test_the_judge_never_runs_model_text(tiny_data_dir, monkeypatch, tmp_path):
+    """Sampled text that is code stays text: it is compared as a string (so '1 + 2' is not the answer 3) and
+    nothing evaluates it, through the whole round (sampling replaced by fixed malicious samples)."""
+    marker = tmp_path / "ran"
+    evil = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model text was evaluated")
+
+    for mod, name in ((builtins, "eval"), (builtins, "exec"), (builtins, "compile"), (tasks, "safe_eval"),
+                      (ast, "literal_eval")):  # fmt: skip
+        monkeypatch.setattr(mod, name, forbidden)
+    samples = {0: [evil, "1 + 2", evil, "3"], 1: ["exec('x')", "4", "4", "4"]}  # prompt -> its k samples
+    monkeypatch.setattr(preference_pairs, "sample_answers",
+                        lambda model, tok, prompts, k, *a: [samples[i] for i in range(len(prompts))])  # fmt: skip
+    tok = Tokenizer(tiny_data_dir)
+    rows = [([{"role": "user", "content": "1 + 2 = ?"}], "3", "4"), ([{"role": "user", "content": "2 * 2 = ?"}],
+            "4", "5")]  # fmt: skip
+    pool = preference_pairs.OnPolicyPairs(rows, tok, 64, 0, 4, 0, 0, 8, 1.0)
+    stats = pool.refresh(0, None, 0, 1, "cpu")
+    assert not marker.exists()
+    assert stats["pairs/n"] == 2 and stats["pairs/sample_acc"] == 4 / 8 and stats["pairs/own_chosen"] == 1.0
+    want = [preference_pairs.tokenize_pair(tok, rows[0][0], "3", evil, 64),
+            preference_pairs.tokenize_pair(tok, rows[1][0], "4", "exec('x')", 64)]  # fmt: skip
+    assert pool.pairs == want
+
+
+def _two_rank_round(info, data_dir, out):
+    """Each rank samples its half of a round's prompts with the real model; the gathered pairs are one list."""
+    tok = Tokenizer(data_dir)
+    rows = preference_pairs.read_pairs(os.path.join(data_dir, "dpo_train.jsonl"))[:12]
+    pool = preference_pairs.OnPolicyPairs(rows, tok, 64, 0, 2, 8, 0, 6, 1.0)
+    stats = pool.refresh(0, micro_model(), info.rank, info.world_size, "cpu")
+    everyone = distributed.all_gather_objects((pool.pairs, stats))
+    assert everyone[0] == everyone[1]
+    assert stats["pairs/n"] == len(pool.pairs) > 0
+    # The draw (8 of 12 prompts) is the same on both ranks and each prompt was judged once: the pairs' prompts
+    # are the drawn prompts that got a pair, in prompt order.
+    drawn = sorted(random.Random("0/round0").sample(range(12), 8))
+    prompts = [tokenize_pair(tok, rows[i][0], "a", "b", 64)[0] for i in drawn]
+    assert [p for p, _, _ in pool.pairs] == [p for p in prompts if p in [q for q, _, _ in pool.pairs]]
+
+
+def test_two_ranks_sample_their_own_prompts_and_share_the_pairs(tiny_data_dir, tmp_path):
+    spawn(_two_rank_round, tiny_data_dir, str(tmp_path))
+
+
+def test_on_policy_run_trains_and_resumes_exactly(tiny_data_dir, sft_dir, tmp_path):
+    """pairs=on_policy with a round every 3 steps: 6 steps straight == stop at 3 (a round boundary: the round is
+    sampled again from the restored weights), stop at 4 (mid-round: its pairs come from the checkpoint), resume
+    to 6; the log and the adapter are bit-identical. Reward accuracy starts at exactly 0 and rises."""
+    kw = dict(pairs="on_policy", pair_every=3, pair_prompts=32, samples_per_prompt=4, pair_max_new_tokens=8,
+              max_examples=64, rpo_alpha=1.0, eval_tasks="", save_every=100)  # fmt: skip
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, straight, **kw))
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, split, stop_after_steps=3, **kw))
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, split, stop_after_steps=1, **kw))
+    run_dpo(dpo_args(tiny_data_dir, sft_dir, split, **kw))
+
+    def timeless(out):  # tok_per_s is wall-clock; everything else must match exactly
+        return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log_rows(out)]
+
+    rows = timeless(straight)
+    assert rows == timeless(split)
+    rounds = [r for r in rows if "pairs/n" in r]
+    assert [r["step"] for r in rounds] == [0, 3] and all(r["pairs/n"] > 0 for r in rounds)
+    train = [r for r in rows if "rewards/accuracy" in r]
+    assert len(train) == 6 and train[0]["rewards/accuracy"] == 0.0  # step 1: the policy is the reference
+    assert train[-1]["rewards/margin"] > 0
+    a, b = load_file(f"{straight}/adapter_model.safetensors"), load_file(f"{split}/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

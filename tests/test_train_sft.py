@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import finetune
 import lora
+import shards
 import train_sft
 from config import ConfigError, UserError, load_yaml, parse_args
 from model import ModelConfig, Transformer
@@ -146,16 +147,16 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_data_dir):
 
 
 def test_sampler_covers_each_epoch_and_resumes_exactly():
-    s = finetune.ExampleSampler(10, seed=3)
+    s = shards.ExampleSampler(10, seed=3)
     first = s.take(7) + s.take(7) + s.take(6)  # two epochs, crossing the boundary mid-take
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
     assert first[:10] != first[10:]  # a fresh permutation per epoch
-    a = finetune.ExampleSampler(10, seed=3)
+    a = shards.ExampleSampler(10, seed=3)
     a.take(13)
     state = json.loads(json.dumps(a.state_dict()))  # plain ints: JSON round trip
-    b = finetune.ExampleSampler(10, seed=3)
+    b = shards.ExampleSampler(10, seed=3)
     b.load_state_dict(state)
-    assert a.take(15) == b.take(15) and first[13:] == finetune.ExampleSampler(10, 3).take(20)[13:]
+    assert a.take(15) == b.take(15) and first[13:] == shards.ExampleSampler(10, 3).take(20)[13:]
 
 
 def test_data_errors_name_file_and_line(tiny_data_dir, micro_base, tmp_path):
@@ -251,7 +252,7 @@ def test_full_finetune_equals_a_hand_written_loop(tiny_data_dir, micro_base, tmp
     tok = Tokenizer(tiny_data_dir)
     rows = finetune.load_conversations(cfg.data, families=cfg.families)
     train = [finetune.render_example(tok, r["messages"], cfg.seq_len) for r in rows]
-    sampler = finetune.ExampleSampler(len(train), cfg.seed)
+    sampler = shards.ExampleSampler(len(train), cfg.seed)
     examples = [[train[i] for i in sampler.take(cfg.batch_size)] for _ in range(2)]
     lrs = [cfg.lr * 1 / cfg.warmup_steps, cfg.lr * 2 / cfg.warmup_steps]  # linear warmup over 2 steps
     want_losses, want = hand_written_full_finetune(micro_base, examples, lrs, weight_decay=1.0, clip=0.5)
