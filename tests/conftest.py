@@ -3,6 +3,7 @@ tests that run on several processes."""
 
 import datetime
 import os
+import pickle
 import random
 import socket
 import sys
@@ -96,6 +97,27 @@ def _launch(rank, world, port, fn, args):
     distributed.cleanup()
 
 
+PEER_GONE = ("connection closed by peer", "connection reset by peer")  # gloo, in a rank whose peer has died
+
+
+def _root_cause(ctx, error):
+    """When one rank raises, its peers' pending collectives fail a moment later ("Connection closed by peer"), and
+    torch reports whichever exit it noticed first. If that is such a consequence, report a rank whose own error is
+    not. The error files are torch's spawn wrapper writing our own child processes' tracebacks (pickled strings)."""
+    import torch.multiprocessing as mp
+
+    if not any(s in str(error).lower() for s in PEER_GONE):
+        return error
+    for rank, path in enumerate(ctx.error_files):
+        if rank != error.error_index and path and os.path.isfile(path) and os.path.getsize(path):
+            with open(path, "rb") as fh:
+                trace = pickle.load(fh)
+            if not any(s in trace.lower() for s in PEER_GONE):
+                message = f"\n\n-- Process {rank} terminated with the following error:\n{trace}"
+                return mp.ProcessRaisedException(message, rank, ctx.processes[rank].pid)
+    return error
+
+
 def spawn(fn, *args, world: int = 2, timeout: float = SPAWN_TIMEOUT):
     """Run fn(info, *args) on `world` CPU ranks (gloo) and return when all have finished.
 
@@ -118,4 +140,4 @@ def spawn(fn, *args, world: int = 2, timeout: float = SPAWN_TIMEOUT):
             return
         except mp.ProcessRaisedException as e:
             if "address already in use" not in str(e).lower() or attempt == 2:
-                raise
+                raise _root_cause(ctx, e) from None
