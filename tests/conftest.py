@@ -3,11 +3,12 @@ tests that run on several processes."""
 
 import datetime
 import os
-import pickle
 import random
 import socket
 import sys
+import tempfile
 import time
+import traceback
 
 import pytest
 import torch
@@ -77,12 +78,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(rank, world, port, fn, args):
+def _launch(rank, world, port, fn, args, error_dir):
     """One rank: join a gloo group whose collectives time out, run fn(info, *args), leave the group.
 
     No try/finally around fn: leaving the group starts with a barrier, and a rank that failed must not wait there
     for a peer that is itself waiting in a collective the failed rank will never join (the deadlock this avoids).
-    The failed rank exits at once with its traceback; spawn() then kills the others."""
+    The failed rank writes its traceback to error_dir/rankN.txt and exits at once; spawn() then kills the others."""
     import torch.distributed as dist
 
     import distributed
@@ -93,28 +94,33 @@ def _launch(rank, world, port, fn, args):
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     info = distributed.init_distributed()  # the group exists: this only reads it back as a DistInfo
-    fn(info, *args)
+    try:
+        fn(info, *args)
+    except BaseException:
+        with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
     distributed.cleanup()
 
 
 PEER_GONE = ("connection closed by peer", "connection reset by peer")  # gloo, in a rank whose peer has died
 
 
-def _root_cause(ctx, error):
+def _root_cause(error, error_dir: str, world: int):
     """When one rank raises, its peers' pending collectives fail a moment later ("Connection closed by peer"), and
     torch reports whichever exit it noticed first. If that is such a consequence, report a rank whose own error is
-    not. The error files are torch's spawn wrapper writing our own child processes' tracebacks (pickled strings)."""
+    not (each failed rank wrote its traceback to error_dir)."""
     import torch.multiprocessing as mp
 
     if not any(s in str(error).lower() for s in PEER_GONE):
         return error
-    for rank, path in enumerate(ctx.error_files):
-        if rank != error.error_index and path and os.path.isfile(path) and os.path.getsize(path):
-            with open(path, "rb") as fh:
-                trace = pickle.load(fh)
+    for rank in range(world):
+        path = os.path.join(error_dir, f"rank{rank}.txt")
+        if rank != error.error_index and os.path.isfile(path):
+            with open(path) as fh:
+                trace = fh.read()
             if not any(s in trace.lower() for s in PEER_GONE):
-                message = f"\n\n-- Process {rank} terminated with the following error:\n{trace}"
-                return mp.ProcessRaisedException(message, rank, ctx.processes[rank].pid)
+                return mp.ProcessRaisedException(f"\n\n-- Process {rank} failed first:\n{trace}", rank, 0)
     return error
 
 
@@ -127,7 +133,8 @@ def spawn(fn, *args, world: int = 2, timeout: float = SPAWN_TIMEOUT):
     import torch.multiprocessing as mp
 
     for attempt in range(3):
-        ctx = mp.start_processes(_launch, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+        error_dir = tempfile.mkdtemp(prefix="spawn_errors_")
+        ctx = mp.start_processes(_launch, args=(world, _free_port(), fn, args, error_dir), nprocs=world, join=False,
                                  start_method="spawn")  # fmt: skip
         deadline = time.monotonic() + timeout
         try:
@@ -140,4 +147,4 @@ def spawn(fn, *args, world: int = 2, timeout: float = SPAWN_TIMEOUT):
             return
         except mp.ProcessRaisedException as e:
             if "address already in use" not in str(e).lower() or attempt == 2:
-                raise _root_cause(ctx, e) from None
+                raise _root_cause(e, error_dir, world) from None
