@@ -156,15 +156,16 @@ def test_model_preset_then_single_keys_in_any_order(tmp_path):
 
     with open("configs/model/0.5B.yaml") as fh:
         want = yaml.safe_load(fh)  # the file itself is the reference
+    no_data = "dry_run=true"  # a missing data/builtin (a fresh clone) is then a note, not an error
     for argv in (["model=0.5B", "model.num_hidden_layers=6"], ["model.num_hidden_layers=6", "model=0.5B"]):
-        cfg = parse_args(PretrainConfig, argv)
+        cfg = parse_args(PretrainConfig, [*argv, no_data])
         assert cfg.model.num_hidden_layers == 6
         assert cfg.model.hidden_size == want["hidden_size"] and cfg.model.vocab_size == want["vocab_size"]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  hidden_size: 128\n  num_attention_heads: 4\n  num_key_value_heads: 2\n")
-    cfg = parse_args(PretrainConfig, [str(recipe), "model=tiny"])  # the later preset resets the YAML's keys
+    cfg = parse_args(PretrainConfig, [str(recipe), "model=tiny", no_data])  # the later preset resets the YAML's keys
     assert (cfg.model.hidden_size, cfg.model.num_attention_heads) == (256, 8)
-    cfg = parse_args(PretrainConfig, [str(recipe)])  # keys without a preset change the default (tiny) shape
+    cfg = parse_args(PretrainConfig, [str(recipe), no_data])  # keys without a preset change the default (tiny) shape
     assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_hidden_layers) == (128, 4, 4)
 
 
