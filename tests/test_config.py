@@ -192,9 +192,8 @@ def test_model_section_errors_are_one_line(argv, needle):
 def test_build_model_config_follows_the_section():
     from train_pretrain import PretrainConfig, build_model_config
 
-    cfg = parse_args(
-        PretrainConfig, ["model=tiny", "model.num_hidden_layers=2", "model.hidden_size=128", "dropout=0.1"]
-    )
+    argv = ["model=tiny", "model.num_hidden_layers=2", "model.hidden_size=128", "dropout=0.1", "dry_run=true"]
+    cfg = parse_args(PretrainConfig, argv)  # dry_run: a fresh clone has no data/builtin, and none is read here
     mcfg = build_model_config(cfg, vocab_size=5000, attn_impl="naive")
     assert (mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.intermediate_size) == (2, 128, 704)
     assert mcfg.vocab_size == 5000 and mcfg.attn_impl == "naive" and mcfg.dropout == 0.1
