@@ -30,6 +30,7 @@ How to run on several processes: `torchrun --standalone --nproc_per_node=2 train
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -318,6 +319,8 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
+    if parallel != "none":
+        check_same_model(model)
     meta = any(p.is_meta for p in model.parameters())
     if meta and parallel != "torch_fsdp2":
         # Built on the meta device (shapes only): initialize here. fsdp materializes one unit at a time, so no
@@ -359,6 +362,27 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
     if meta:
         _init_fully_sharded(model, dist_info.device)
     return model
+
+
+def check_same_model(model: nn.Module) -> None:
+    """Stop when the ranks built different models (e.g. each read a config file another was rewriting): wrapping
+    would broadcast rank 0's tensors into differently shaped ones and die inside the backend with a size mismatch,
+    or worse. Like torch DDP's shape check at wrap time, but one all-gather of three numbers per rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    digest = int.from_bytes(hashlib.sha256(repr(shapes).encode()).digest()[:7], "little")  # < 2**56: fits int64
+    mine = torch.tensor([len(shapes), sum(p.numel() for p in model.parameters()), digest], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs, everyone[0]):
+            n0, w0, _ = everyone[0].tolist()
+            n, w, _ = theirs.tolist()
+            raise ValueError(f"rank {rank} built a different model from rank 0 ({n} tensors, {w:,} weights vs {n0}, "
+                             f"{w0:,}): every rank must read the same model config")  # fmt: skip
 
 
 @torch.no_grad()

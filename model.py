@@ -133,7 +133,9 @@ class ModelConfig:
             known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
             raise ValueError(f"unknown model preset {name!r}: no file {path} (presets: {', '.join(known)})")
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(f)
+        if values is None:  # all defaults is never what an empty file meant (nor a file being rewritten)
+            raise ValueError(f"model preset {path} is empty")
         if not isinstance(values, dict):
             raise ValueError(f"model preset {path} is not a mapping of key: value")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})

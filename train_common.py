@@ -318,7 +318,10 @@ class Run:
             opts["mixed_precision"] = cfg.fsdp_mixed_precision and self.dtype == torch.bfloat16
         if self.parallel == "fsdp":
             opts.update(prefetch=cfg.fsdp_prefetch, zero2=cfg.zero2)
-        self.model = distributed.wrap_model(raw_model, self.parallel, self.dist, **opts)
+        try:  # ranks that built different models: one line, before any weight moves
+            self.model = distributed.wrap_model(raw_model, self.parallel, self.dist, **opts)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
         torch.manual_seed(self.cfg.seed + 1000 * self.rank)

@@ -189,6 +189,15 @@ def test_model_section_errors_are_one_line(argv, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_empty_model_file_is_an_error_not_the_defaults(tmp_path):
+    from train_pretrain import PretrainConfig
+
+    empty = tmp_path / "moe.yaml"
+    empty.write_text("")  # e.g. read while another process was rewriting it
+    with pytest.raises(ConfigError, match=f"model preset {empty} is empty"):
+        parse_args(PretrainConfig, [f"model={empty}", "dry_run=true"])
+
+
 def test_build_model_config_follows_the_section():
     from train_pretrain import PretrainConfig, build_model_config
 

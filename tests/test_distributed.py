@@ -364,6 +364,25 @@ def test_a_failing_rank_fails_the_spawn_with_its_own_error():
         spawn(_one_rank_fails_worker)
 
 
+def _different_models_worker(info):
+    # Rank 1 read a different config (CI once saw this: a model file being rewritten while a rank read it).
+    cfg = tiny_config(num_hidden_layers=2 if info.rank == 0 else 3)
+    sizes = [[p.numel() for p in make_model(tiny_config(num_hidden_layers=n)).parameters()] for n in (2, 3)]
+    want = (f"rank 1 built a different model from rank 0 ({len(sizes[1])} tensors, {sum(sizes[1]):,} weights vs "
+            f"{len(sizes[0])}, {sum(sizes[0]):,}): every rank must read the same model config")  # fmt: skip
+    for mode in ("ddp", "fsdp"):
+        with pytest.raises(ValueError) as e:
+            distributed.wrap_model(make_model(cfg), mode, info)
+        assert str(e.value) == want  # on both ranks: both stop, neither waits in a broadcast
+    distributed.wrap_model(make_model(tiny_config()), "ddp", info)  # the same model passes (and the group is fine)
+
+
+def test_ranks_that_built_different_models_stop_at_wrap_with_one_line():
+    """Without the check, the broadcast of rank 0's weights pairs tensors of different sizes: gloo aborts the
+    process with "Received data size doesn't match expected size", or a smaller model is silently overwritten."""
+    spawn(_different_models_worker)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # single-process pieces
 # ---------------------------------------------------------------------------------------------------------------------
