@@ -76,10 +76,11 @@ samples: $(DPO)   ## a few answers from each stage
 	done
 
 VLM := out/vlm/DONE
-demo-vlm: setup $(VLM)  ## ViT + projector + tiny LM on built-in shapes, both LLaVA stages, then VQA accuracy and one answer
+demo-vlm: setup $(VLM)  ## ViT + projector + tiny LM on built-in shapes: tower pretraining, both LLaVA stages, VQA accuracy, two answers
 	$(PY) eval.py checkpoint=out/vlm data= tasks= choices= vqa=builtin
 	$(PY) vlm_data.py out_dir=data/vlm n_caption=1 n_train=1 n_test=4
 	$(PY) sample.py checkpoint=out/vlm image=data/vlm/images/test_00000.png prompt="What colour is the shape?" temperature=0 max_new_tokens=8
+	$(PY) sample.py checkpoint=out/vlm image=data/vlm/images/test_00000.png prompt="What shape is it?" temperature=0 max_new_tokens=8
 $(VLM): $(DATA) $(_force)  # the fresh LM uses the tokenizer that `make data` trains
 	$(PY) train_vlm.py configs/vlm_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 

@@ -4,11 +4,15 @@
     python train_vlm.py configs/vlm_tiny.yaml lm=out/pretrain  # start from the pretrained tiny LM
     python train_vlm.py configs/vlm_tiny.yaml train_lm=lora    # stage 2 with LoRA adapters on the LM
 
+Stage 0, a pretrained vision tower (OUT/stage0, optional: stage0_steps > 0, built-in scenes only). LLaVA starts
+from a CLIP encoder that already sees shapes; ours would start random, and then the only signal that reaches it is
+the LM's loss through the projector, which teaches colour (nearly a mean over pixels) and little else. So the tower
+first learns to see, supervised like an ImageNet-trained ViT: linear probes read colour and shape from the mean over
+patches and which quadrants hold a shape from the patches in order, on freshly drawn scenes. The probes are dropped.
 Stage 1, alignment (OUT/stage1): caption pairs, "<image>Describe the image." -> "two red squares". The
 language model is frozen, so its weights leave stage 1 bit for bit as they came in; the projector learns
-to write image features the frozen LM can read. LLaVA freezes a pretrained CLIP encoder here too; our
-vision tower starts from random weights, so by default it learns in stage 1 with the projector
-(`stage1_train_vision`).
+to write image features the frozen LM can read. LLaVA freezes its pretrained CLIP encoder here too
+(`stage1_train_vision=false`); a tower that starts random must train here (`true`, the default).
 Stage 2, instruction tuning (OUT): question/answer turns, loss on the answer tokens only. The language
 model trains in full (`train_lm=full`), through LoRA adapters (`train_lm=lora`, adapter files whose base
 is OUT/stage1), or stays frozen (`train_lm=frozen`).
@@ -27,12 +31,18 @@ a folder written by `python vlm_data.py`, a LLaVA-style json next to its images,
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import distributed
 import lora
@@ -43,7 +53,7 @@ from launch import TrainConfig, attn_impl_errors, resolve_attn_impl
 from model import ModelConfig, Transformer
 from planner import dry_run
 from tokenizer import Tokenizer
-from vlm import VLM, VisionConfig, collate, is_vlm_checkpoint, vqa_accuracy
+from vlm import VLM, VisionConfig, VisionEncoder, collate, is_vlm_checkpoint, vqa_accuracy
 
 
 @dataclass
@@ -59,6 +69,10 @@ class VLMTrainConfig(TrainConfig):
     tokenizer_dir: str = "data/builtin"  # tokenizer for a fresh LM (a checkpoint dir brings its own)
     attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton, for the LM and vision tower
     vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower's shape
+    # ---- stage 0: pretrain the vision tower on the built-in scenes (optional) ----
+    stage0_steps: int = 0  # supervised steps before stage 1 (0: the tower starts from random weights)
+    stage0_lr: float = 2e-3  # constant AdamW LR of stage 0
+    stage0_batch_size: int = 64  # scenes per stage-0 step, drawn fresh every step
     # ---- stage 1: alignment on captions, LM frozen ----
     stage1_steps: int = 200  # optimizer steps of stage 1
     stage1_lr: float = 1e-3  # peak LR of stage 1 (min LR is a tenth of it)
@@ -102,6 +116,11 @@ class VLMTrainConfig(TrainConfig):
             errors.append("compile is not supported by train_vlm.py yet (the image splice is a Python hook)")
         if self.qa_turns < 1:
             errors.append("qa_turns must be >= 1")
+        if self.stage0_steps < 0 or self.stage0_lr <= 0 or self.stage0_batch_size <= 0:
+            errors.append("stage0_steps must be >= 0, stage0_lr and stage0_batch_size > 0")
+        if self.stage0_steps and "builtin" not in (self.caption_data, self.qa_data):
+            errors.append("stage0_steps pretrains the tower on the built-in scenes; with data of your own set "
+                          "stage0_steps=0 and start from a tower that suits it")  # fmt: skip
         if self.stage1_steps <= 0 or self.stage1_lr <= 0:
             errors.append("stage1_steps and stage1_lr must be > 0")
         if self.lm:
@@ -174,7 +193,90 @@ def build_model(cfg: VLMTrainConfig, stage: int, tokenizer: Tokenizer, attn_impl
         raise UserError(f"lm: model vocab {lm.config.vocab_size} < tokenizer vocab {tokenizer.vocab_size}")
     vision = copy.deepcopy(cfg.vision)
     vision.attn_impl = attn_impl
-    return VLM(vision, lm, tokenizer.pad_id).to(device), cfg.lm
+    model = VLM(vision, lm, tokenizer.pad_id).to(device)
+    if cfg.stage0_steps:
+        pretrained_tower(model.vision_tower, cfg, device)
+    return model, cfg.lm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stage 0: a vision tower that sees before the language model asks
+# ---------------------------------------------------------------------------------------------------------------------
+class TowerProbes(nn.Module):
+    """Linear read-outs of the tower's output (B, N, C_v): colour and shape from the mean over patches; which of
+    the four quadrants hold a shape (count and position follow) from the N patch vectors in order."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        n = (c.image_size // c.patch_size) ** 2
+        self.colour = nn.Linear(c.hidden_size, len(vlm_data.COLOURS))
+        self.shape = nn.Linear(c.hidden_size, len(vlm_data.SHAPES))
+        self.quadrants = nn.Linear(n * c.hidden_size, 4)
+
+    def forward(self, feats):  # (B, N, C_v) -> logits {colour (B, 4), shape (B, 3), quadrants (B, 4)}
+        mean = feats.mean(1)
+        return {"colour": self.colour(mean), "shape": self.shape(mean), "quadrants": self.quadrants(feats.flatten(1))}
+
+
+def scene_batch(rng: np.random.Generator, n: int, size: int) -> tuple[torch.Tensor, dict]:
+    """n fresh built-in scenes: pixels (n, 3, S, S) and their labels {colour (n,), shape (n,), quadrants (n, 4)}."""
+    pixels, labels = [], {"colour": [], "shape": [], "quadrants": []}
+    for _ in range(n):
+        image, attrs = vlm_data.make_scene(rng, size)
+        pixels.append(vlm_data.image_to_tensor(image, size))
+        labels["colour"].append(list(vlm_data.COLOURS).index(attrs["colour"]))
+        labels["shape"].append(vlm_data.SHAPES.index(attrs["shape"]))
+        labels["quadrants"].append([float(q in attrs["quadrants"]) for q in range(4)])
+    return torch.stack(pixels), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def probe_loss(probes: TowerProbes, feats, labels) -> tuple[torch.Tensor, dict]:
+    """(summed cross-entropies, accuracies {colour, shape, quadrants: all four right})."""
+    out = probes(feats)
+    loss = (F.cross_entropy(out["colour"], labels["colour"]) + F.cross_entropy(out["shape"], labels["shape"])
+            + F.binary_cross_entropy_with_logits(out["quadrants"], labels["quadrants"]))  # fmt: skip
+    acc = {k: (out[k].argmax(-1) == labels[k]).float().mean().item() for k in ("colour", "shape")}
+    acc["quadrants"] = ((out["quadrants"] > 0).float() == labels["quadrants"]).all(-1).float().mean().item()
+    return loss, acc
+
+
+def pretrained_tower(tower: VisionEncoder, cfg: VLMTrainConfig, device) -> None:
+    """Stage 0 into `tower`: read OUT/stage0/vision_tower.safetensors when it was made with these settings (and
+    resume is not never), else train it (every rank the same way from the same seed; DDP then broadcasts rank 0's
+    weights anyway) and save it."""
+    settings = json.dumps({"steps": cfg.stage0_steps, "lr": cfg.stage0_lr, "batch_size": cfg.stage0_batch_size,
+                           "seed": cfg.data_seed, "vision": to_dict(cfg.vision)}, sort_keys=True)  # fmt: skip
+    path = os.path.join(cfg.out_dir, "stage0", "vision_tower.safetensors")
+    if cfg.resume != "never" and os.path.isfile(path):  # resume=never (make FORCE=1) trains it again
+        with safe_open(path, "pt") as fh:
+            made_with = (fh.metadata() or {}).get("settings")
+        if made_with == settings:
+            tower.load_state_dict(load_file(path, device=str(device)))
+            distributed.print0(f"stage 0: vision tower from {path}", flush=True)
+            return
+    t0 = time.perf_counter()
+    probes = TowerProbes(tower.config).to(device)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probes.parameters()], lr=cfg.stage0_lr, weight_decay=0.01)
+    # Streams of their own ("split" 2 next to vlm_data's train 0 / test 1): never the rows stages 1 and 2 see.
+    scenes = np.random.default_rng([cfg.data_seed, 2, 0])
+    tower.train()
+    for _ in range(cfg.stage0_steps):
+        pixels, labels = scene_batch(scenes, cfg.stage0_batch_size, tower.config.image_size)
+        loss, _ = probe_loss(probes, tower(pixels.to(device)), {k: v.to(device) for k, v in labels.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    held_out = scene_batch(np.random.default_rng([cfg.data_seed, 2, 1]), 500, tower.config.image_size)
+    with torch.no_grad():
+        _, acc = probe_loss(probes, tower(held_out[0].to(device)), {k: v.to(device) for k, v in held_out[1].items()})
+    if distributed.is_master():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}
+        save_file(tensors, path + ".tmp", metadata={"settings": settings, "probe_accuracy": json.dumps(acc)})
+        os.replace(path + ".tmp", path)  # atomic: another rank or run never reads half a file
+    distributed.print0(f"stage 0: vision tower pretrained, {cfg.stage0_steps} steps in {time.perf_counter() - t0:.0f} s; "
+                       "probe accuracy on 500 held-out scenes: "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)  # fmt: skip
 
 
 def set_trainable(model: VLM, cfg: VLMTrainConfig, stage: int, lm_dir: str) -> None:

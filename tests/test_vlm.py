@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MICRO_MODEL, ROOT
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora
@@ -362,6 +363,32 @@ def test_two_stages_keep_lm_in_stage1_and_lift_vqa(tiny_data_dir, base_lm, tmp_p
     assert eval_script.evaluate(out, cfg)["vqa_n"] == 8
 
 
+def test_stage0_teaches_the_tower_to_see_and_is_reused(tiny_data_dir, tmp_path):
+    """Stage 0 on fresh scenes: linear probes on the tower read colour and the occupied quadrants of held-out scenes
+    far above chance (1/4; all four quadrants right: 1/12 for the best constant guess). A second call with the same
+    settings reads the saved tower instead of training; other settings train again."""
+    out = str(tmp_path / "vlm")
+    cfg = parse_args(train_vlm.VLMTrainConfig, train_args(tiny_data_dir, out, stage0_steps=80, stage0_batch_size=32))
+    torch.manual_seed(0)
+    tower = vlm.VisionEncoder(vlm.VisionConfig(**VISION))
+    start = {k: v.clone() for k, v in tower.state_dict().items()}
+    train_vlm.pretrained_tower(tower, cfg, "cpu")
+    path = os.path.join(out, "stage0", "vision_tower.safetensors")
+    with safe_open(path, "pt") as fh:
+        acc = json.loads(fh.metadata()["probe_accuracy"])
+    assert acc["colour"] > 0.9 and acc["quadrants"] > 0.6, acc
+    saved = load_file(path)
+    assert all(torch.equal(saved[k], v) for k, v in tower.state_dict().items())
+    assert not all(torch.equal(start[k], v) for k, v in tower.state_dict().items())
+
+    again = vlm.VisionEncoder(vlm.VisionConfig(**VISION))
+    train_vlm.pretrained_tower(again, cfg, "cpu")  # read, not trained: equal to the first tower bit for bit
+    assert all(torch.equal(saved[k], v) for k, v in again.state_dict().items())
+    cfg.stage0_steps = 2
+    train_vlm.pretrained_tower(again, cfg, "cpu")
+    assert not torch.equal(load_file(path)["patch_embedding.weight"], saved["patch_embedding.weight"])
+
+
 def test_resume_equals_uninterrupted_and_lora(tiny_data_dir, base_lm, tmp_path):
     common = dict(lm=base_lm, stage="2", steps=6, save_every=3)
     run(train_args(tiny_data_dir, str(tmp_path / "a"), **common))
@@ -396,7 +423,7 @@ def test_both_stages_under_torchrun(tiny_data_dir, base_lm, tmp_path):
     """stage=both in one torchrun launch: stage 1 keeps the process group for stage 2 (2 gloo ranks, ddp)."""
     out = str(tmp_path / "ddp")
     argv = train_args(tiny_data_dir, out, lm=base_lm, stage1_steps=2, steps=2, warmup_steps=1, batch_size=8, micro_batch_size=4,
-                      n_caption=32, n_train=32, n_test=8, parallel="ddp")  # fmt: skip
+                      n_caption=32, n_train=32, n_test=8, parallel="ddp", stage0_steps=2, stage0_batch_size=4)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_vlm.py"), *argv]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -404,6 +431,7 @@ def test_both_stages_under_torchrun(tiny_data_dir, base_lm, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "stage1", "DONE")) and os.path.isfile(os.path.join(out, "DONE"))
     assert [r["step"] for r in log_rows(out) if "loss" in r] == [1, 2]
+    assert proc.stdout.count("stage 0: vision tower pretrained, 2 steps") == 1  # printed once: by rank 0
 
 
 def test_config_errors(tiny_data_dir, tmp_path):
@@ -411,5 +439,8 @@ def test_config_errors(tiny_data_dir, tmp_path):
         parse_args(train_vlm.VLMTrainConfig, train_args(tiny_data_dir, str(tmp_path), train_lm="half"))
     with pytest.raises(ConfigError, match="vision.image_size"):
         parse_args(train_vlm.VLMTrainConfig, train_args(tiny_data_dir, str(tmp_path), **{"vision.image_size": 30}))
+    with pytest.raises(ConfigError, match="stage0_steps pretrains the tower on the built-in scenes"):
+        parse_args(train_vlm.VLMTrainConfig, train_args(tiny_data_dir, str(tmp_path), stage0_steps=5,
+                                                        caption_data="my.json", qa_data="my.json"))  # fmt: skip
     with pytest.raises(UserError, match="no file or folder"):
         run(train_args(tiny_data_dir, str(tmp_path / "x"), stage="2", qa_data=str(tmp_path / "missing.json")))
