@@ -57,7 +57,9 @@ def _load_config(path_or_cfg):
         return path_or_cfg
     with open(path_or_cfg) as f:
         values = yaml.safe_load(f) or {}
-    values = values.get("model", values)  # a training recipe nests the model under `model:`
+    values = values.get("model", values)  # a training recipe nests the model under `model:` ...
+    if isinstance(values, str):  # ... or names a preset (`model: tiny`)
+        values = ModelConfig.preset_values(values)
     return ModelConfig(**values)
 
 

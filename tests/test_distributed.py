@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import spawn
+from conftest import ROOT, spawn
 
 import checkpoint
 import distributed
@@ -454,3 +454,10 @@ def test_planner_matches_known_numbers():
     assert mem["fsdp"]["gathered"] < mem["zero2"]["gathered"] / 4
     assert p["flops_per_token"] > 6 * n
     assert mem["fsdp+ckpt"]["activations"] < mem["fsdp"]["activations"]
+
+
+def test_planner_reads_a_training_recipe_that_names_its_model():
+    """configs/pretrain_tiny.yaml says `model: tiny`: the planner sizes the preset it names (a string broke it)."""
+    recipe = planner.plan(os.path.join(ROOT, "configs", "pretrain_tiny.yaml"), world_size=2)
+    preset = planner.plan(os.path.join(ROOT, "configs", "model", "tiny.yaml"), world_size=2)
+    assert recipe["params"] == preset["params"] == Transformer(ModelConfig.from_preset("tiny")).num_parameters()
