@@ -4,7 +4,7 @@
     python train_vlm.py configs/vlm_tiny.yaml lm=out/pretrain  # start from the pretrained tiny LM
     python train_vlm.py configs/vlm_tiny.yaml train_lm=lora    # stage 2 with LoRA adapters on the LM
 
-Stage 0, a pretrained vision tower (OUT/stage0, optional: stage0_steps > 0, built-in scenes only). LLaVA starts
+Stage 0, a pretrained vision tower (OUT/stage0, optional: stage0_steps > 0; it draws built-in scenes). LLaVA starts
 from a CLIP encoder that already sees shapes; ours would start random, and then the only signal that reaches it is
 the LM's loss through the projector, which teaches colour (nearly a mean over pixels) and little else. So the tower
 first learns to see, supervised like an ImageNet-trained ViT: linear probes read colour and shape from the mean over
@@ -70,9 +70,9 @@ class VLMTrainConfig(TrainConfig):
     attn_impl: str = "auto"  # auto (triton on CUDA, else sdpa) | naive | sdpa | triton, for the LM and vision tower
     vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower's shape
     # ---- stage 0: pretrain the vision tower on the built-in scenes (optional) ----
-    stage0_steps: int = 0  # supervised steps before stage 1 (0: the tower starts from random weights)
+    stage0_steps: int = 0  # supervised steps on built-in scenes before stage 1 (0: the tower starts random)
     stage0_lr: float = 2e-3  # constant AdamW LR of stage 0
-    stage0_batch_size: int = 64  # scenes per stage-0 step, drawn fresh every step
+    stage0_batch_size: int = 32  # scenes per stage-0 step, drawn fresh every step
     # ---- stage 1: alignment on captions, LM frozen ----
     stage1_steps: int = 200  # optimizer steps of stage 1
     stage1_lr: float = 1e-3  # peak LR of stage 1 (min LR is a tenth of it)
@@ -118,9 +118,6 @@ class VLMTrainConfig(TrainConfig):
             errors.append("qa_turns must be >= 1")
         if self.stage0_steps < 0 or self.stage0_lr <= 0 or self.stage0_batch_size <= 0:
             errors.append("stage0_steps must be >= 0, stage0_lr and stage0_batch_size > 0")
-        if self.stage0_steps and "builtin" not in (self.caption_data, self.qa_data):
-            errors.append("stage0_steps pretrains the tower on the built-in scenes; with data of your own set "
-                          "stage0_steps=0 and start from a tower that suits it")  # fmt: skip
         if self.stage1_steps <= 0 or self.stage1_lr <= 0:
             errors.append("stage1_steps and stage1_lr must be > 0")
         if self.lm:
@@ -274,9 +271,9 @@ def pretrained_tower(tower: VisionEncoder, cfg: VLMTrainConfig, device) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}
         save_file(tensors, path + ".tmp", metadata={"settings": settings, "probe_accuracy": json.dumps(acc)})
         os.replace(path + ".tmp", path)  # atomic: another rank or run never reads half a file
-    distributed.print0(f"stage 0: vision tower pretrained, {cfg.stage0_steps} steps in {time.perf_counter() - t0:.0f} s; "
-                       "probe accuracy on 500 held-out scenes: "
-                       + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)  # fmt: skip
+    seconds, probes_read = time.perf_counter() - t0, ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+    distributed.print0(f"stage 0: vision tower pretrained, {cfg.stage0_steps} steps in {seconds:.0f} s; "
+                       f"probe accuracy on 500 held-out scenes: {probes_read}", flush=True)  # fmt: skip
 
 
 def set_trainable(model: VLM, cfg: VLMTrainConfig, stage: int, lm_dir: str) -> None:
