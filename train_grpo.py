@@ -421,6 +421,7 @@ def main(cfg: GRPOConfig) -> None:
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
                     logps, entropy = token_logps(step_model, b["x"], b["y"], cfg.temperature)  # (B, T) each
+                    aux = raw_model.moe_aux_loss()  # MoE balancing losses of this forward (0 for dense models)
                 if b["old"] is None:  # first update on this batch: the weights are still the sampling policy's
                     b["old"] = logps.detach()
                 mask = b["y"] != -1
@@ -428,7 +429,7 @@ def main(cfg: GRPOConfig) -> None:
                 # (no division by accum).
                 loss, st = grpo_loss(logps, b["old"], b["ref"], b["adv"], mask, cfg.beta, cfg.clip_eps,
                                      cfg.loss_agg, cfg.max_new_tokens, cfg.batch_size / run.world_size, n_tokens)  # fmt: skip
-                run.scaler.scale(loss).backward()
+                run.scaler.scale(loss + aux / len(batches)).backward()  # aux: a mean per forward
             sums += torch.stack([loss.detach(), st["kl"], st["clip_frac"], entropy.sum() / mask.sum().clamp(min=1)])
             sampler.tokens += b["x"].numel() * run.world_size  # tokens through the training forward, all ranks
         means = tc.all_reduce_mean(sums / torch.tensor([1.0, len(batches), len(batches), len(batches)], device=device))

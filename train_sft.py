@@ -246,10 +246,12 @@ def main(cfg: SFTConfig) -> None:
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
                     nll = step_model(x, y, loss_reduction="none", document_ids=doc)  # (B, T), 0 where y is -1
+                    aux = raw_model.moe_aux_loss()  # MoE balancing losses of this forward (0 for dense models)
                     loss = nll[:n].sum() / denom
                     # Replay rows: their own mean per token, weighted, so that the SFT loss keeps its meaning.
                     replay_loss = nll[n:].sum() / replay_denom
-                run.scaler.scale(loss + cfg.replay_weight * replay_loss).backward()
+                # The token losses are already divided by the whole step's count; aux is a mean per forward.
+                run.scaler.scale(loss + cfg.replay_weight * replay_loss + aux / run.accum).backward()
             loss_sum += loss.detach()
             replay_sum += replay_loss.detach()
         loss_mean = tc.all_reduce_mean(loss_sum)  # mean loss per assistant token over the global batch
