@@ -364,6 +364,10 @@ def wrap_model(model: nn.Module, parallel: str, dist_info: DistInfo, **opts) -> 
     return model
 
 
+class ModelMismatchError(ValueError):
+    """The ranks built different models: a launch mistake, reported as one line (Run.prepare)."""
+
+
 def check_same_model(model: nn.Module) -> None:
     """Stop when the ranks built different models (e.g. each read a config file another was rewriting): wrapping
     would broadcast rank 0's tensors into differently shaped ones and die inside the backend with a size mismatch,
@@ -381,7 +385,7 @@ def check_same_model(model: nn.Module) -> None:
         if not torch.equal(theirs, everyone[0]):
             n0, w0, _ = everyone[0].tolist()
             n, w, _ = theirs.tolist()
-            raise ValueError(f"rank {rank} built a different model from rank 0 ({n} tensors, {w:,} weights vs {n0}, "
+            raise ModelMismatchError(f"rank {rank} built a different model from rank 0 ({n} tensors, {w:,} weights vs {n0}, "
                              f"{w0:,}): every rank must read the same model config")  # fmt: skip
 
 

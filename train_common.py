@@ -320,7 +320,7 @@ class Run:
             opts.update(prefetch=cfg.fsdp_prefetch, zero2=cfg.zero2)
         try:  # ranks that built different models: one line, before any weight moves
             self.model = distributed.wrap_model(raw_model, self.parallel, self.dist, **opts)
-        except ValueError as e:
+        except distributed.ModelMismatchError as e:
             raise UserError(str(e)) from None
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         # Dropout differs per rank; initial weights were drawn before this, identically on every rank.
