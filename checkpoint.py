@@ -242,6 +242,15 @@ def load_train_state(ckpt_dir: str, rank: int = 0, per_rank_optimizer: bool = Fa
 
 def export_final(out_dir: str, ckpt_dir: str) -> None:
     """Copy the model files of the last checkpoint to OUT itself, so the next stage reads OUT."""
+    # An earlier run of the other kind in this out_dir (overwrite=true) left its model: a LoRA dir that still held
+    # model.safetensors, or a full one with adapter_config.json, would load as the wrong model.
+    adapter = os.path.isfile(os.path.join(ckpt_dir, "adapter_config.json"))
+    for name in ("config.json", "model.safetensors") if adapter else ("adapter_config.json", "adapter_model.safetensors", "merged"):
+        old = os.path.join(out_dir, name)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        elif os.path.exists(old):
+            os.remove(old)
     for name in os.listdir(ckpt_dir):
         src = os.path.join(ckpt_dir, name)
         if os.path.isfile(src) and name != MARKER:

@@ -213,6 +213,23 @@ def test_lora_run_changes_only_adapters_and_merges(tiny_data_dir, micro_base, tm
         torch.testing.assert_close(via_adapter, via_merged, rtol=1e-4, atol=1e-5)
 
 
+def test_rerun_of_the_other_kind_in_the_same_out_dir_leaves_one_model(tiny_data_dir, micro_base, tmp_path):
+    """make demo FORCE=1 after the demo recipe moved from LoRA to full fine-tuning: out/sft kept the LoRA run's
+    adapter_config.json next to the new model.safetensors, and DPO refused the dir as an adapter (found by running it)."""
+    out = str(tmp_path / "sft")
+    lora_run = dict(finetune="lora", steps=2, lora_r=4, lora_alpha=8, resume="never", overwrite="true")
+    run_inprocess(sft_args(tiny_data_dir, micro_base, out, **lora_run))
+    assert os.path.isfile(os.path.join(out, "adapter_config.json")) and os.path.isdir(os.path.join(out, "merged"))
+    run_inprocess(sft_args(tiny_data_dir, micro_base, out, finetune="full", steps=2, resume="never", overwrite="true"))
+    assert not any(os.path.exists(os.path.join(out, n)) for n in ("adapter_config.json", "adapter_model.safetensors", "merged"))
+    full = load_file(os.path.join(out, "model.safetensors"))
+    loaded = Transformer.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in full.items())  # the dir is the full run's model, nothing else
+    run_inprocess(sft_args(tiny_data_dir, micro_base, out, **lora_run))  # and back: no stale full model beside the adapter
+    assert not any(os.path.exists(os.path.join(out, n)) for n in ("config.json", "model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
 def hand_written_full_finetune(base, examples, lrs, weight_decay, clip):
     """The SFT step in plain PyTorch: for each step's examples, one unpadded example at a time, summed cross-entropy
     on the assistant targets / their count, backward, clip the global norm, AdamW (decay on matrices only).
