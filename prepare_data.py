@@ -91,6 +91,7 @@ class DataConfig:
     num_proc: int = 2  # tokenizer worker processes
     shard_tokens: int = 100_000_000  # tokens per shard file
     tasks: bool = True  # also write the built-in SFT/DPO/test tasks (tasks.py) into out_dir
+    sft_rows: int = 3000  # built-in SFT training chats (distinct expressions; the 300 test rows never change)
 
     def validate(self) -> list[str]:
         checks = [
@@ -102,6 +103,7 @@ class DataConfig:
             (self.max_docs >= 0 and self.max_mb >= 0, "max_docs and max_mb must be >= 0 (0 = no limit)"),
             (self.tokenizer_train_mb > 0, f"tokenizer_train_mb must be > 0, got {self.tokenizer_train_mb}"),
             (self.num_proc >= 1, f"num_proc must be >= 1, got {self.num_proc}"),
+            (self.sft_rows >= 3, f"sft_rows must be >= 3 (one per family), got {self.sft_rows}"),
             (self.shard_tokens >= 1024, f"shard_tokens must be >= 1024, got {self.shard_tokens}"),
             (self.vocab_size >= 512, f"vocab_size must be >= 512 (bytes + specials), got {self.vocab_size}"),
             (self.model_type in ("bpe", "unigram"), f"model_type must be bpe or unigram, got {self.model_type!r}"),
@@ -433,7 +435,7 @@ def _build(cfg: DataConfig, out: str) -> dict:
 
     # ---- built-in tasks (tasks.py) ----
     if cfg.tasks:
-        tasks.write_tasks(out)
+        tasks.write_tasks(out, n_train=cfg.sft_rows)
         print("wrote the built-in SFT/DPO/test tasks")
 
     meta = {

@@ -382,11 +382,16 @@ def make_tasks(seed: int = 0, n_train: int = 3000, n_test: int = 300, n_dpo: int
     sft, dpo, test = [], [], []
     for family in FAMILIES:
         frng = random.Random(f"{seed}/{family}")  # str seeds are hashed deterministically (sha512)
+        # The test rows first, then DPO's, then SFT's: a larger n_train changes neither. (Drawn last, a large SFT set
+        # takes what small generators can make, and the rows after it lean toward the big ones: DPO on such pairs
+        # lowered held-out accuracy, 0.47 -> 0.40, when n_train grew from 3,000 to 20,000 with DPO drawn after SFT.)
         test += [_draw(frng, family, seen, heldout=True) for _ in range(_split_sizes(n_test)[family])]
-        sft += [_draw(frng, family, seen, heldout=False) for _ in range(_split_sizes(n_train)[family])]
         dpo += [_draw(frng, family, seen, heldout=False) for _ in range(_split_sizes(n_dpo)[family])]
-    for rows in (sft, dpo, test):
-        rng.shuffle(rows)  # mix the families within each file
+        sft += [_draw(frng, family, seen, heldout=False) for _ in range(_split_sizes(n_train)[family])]
+    for name, rows in (("sft", sft), ("dpo", dpo), ("test", test)):
+        # Mix the families within each file, each split with its own stream: the test file is then the same
+        # file, in the same order, whatever n_train and n_dpo are.
+        random.Random(f"{seed}/order/{name}").shuffle(rows)
 
     def chat(t):
         return {"messages": [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t["answer"]}],

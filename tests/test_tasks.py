@@ -119,6 +119,17 @@ def test_commutative_twins_share_a_side():
             assert tasks.is_heldout(f"{a} + {b}") == tasks.is_heldout(f"{b} + {a}")
 
 
+def test_a_larger_sft_split_leaves_the_test_and_dpo_rows_as_they_were():
+    """prepare_data.py sft_rows=20000 (the demo) and the default 3,000 must score on the same test file, in the same
+    order, and give DPO the same pairs; the smaller SFT split is the start of the larger one."""
+    small = tasks.make_tasks(seed=0, n_train=90, n_test=30, n_dpo=30)
+    big = tasks.make_tasks(seed=0, n_train=900, n_test=30, n_dpo=30)
+    assert big["test"] == small["test"] and big["sft_test"] == small["sft_test"]
+    assert big["dpo_train"] == small["dpo_train"]
+    prompts = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
+    assert prompts(small["sft_train"]) < prompts(big["sft_train"])
+
+
 def test_deterministic_by_seed(tmp_path):
     assert tasks.make_tasks(seed=5, n_train=60, n_test=30, n_dpo=30) == tasks.make_tasks(
         seed=5, n_train=60, n_test=30, n_dpo=30
