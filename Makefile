@@ -40,7 +40,7 @@ setup-test: $(ENV_DEP) ## runtime + test-only references (transformers, peft, op
 			|| echo "setup-test: could not install chromium; the browser test will skip"; \
 	fi
 
-demo: setup $(DPO) eval samples   ## data -> tokenizer -> pretrain -> SFT (LoRA) -> DPO -> eval -> samples
+demo: setup $(DPO) eval samples   ## data -> tokenizer -> pretrain -> SFT (full, Muon) -> DPO (LoRA) -> eval -> samples
 
 data: $(DATA)
 $(DATA): $(_force) | setup
@@ -59,17 +59,17 @@ $(DPO): $(SFT) $(_force)
 	$(PY) train_dpo.py configs/dpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 demo-rl: setup $(GRPO)  ## GRPO (LoRA) on the built-in tasks from the SFT model: held-out accuracy before -> after
-	$(PY) eval.py compare=out/sft/merged,out/grpo/merged data= choices=
+	$(PY) eval.py compare=out/sft,out/grpo/merged data= choices=
 
 grpo: $(GRPO)
 $(GRPO): $(SFT) $(_force)
 	$(PY) train_grpo.py configs/grpo_tiny.yaml $(if $(FORCE),resume=never overwrite=true,)
 
 eval: $(DPO)      ## base -> SFT -> DPO side by side: loss, bits/byte, task accuracy; out/summary.png, out/eval.json
-	$(PY) eval.py compare=out/pretrain,out/sft/merged,out/dpo/merged plot=out/summary.png save=out/eval.json
+	$(PY) eval.py compare=out/pretrain,out/sft,out/dpo/merged plot=out/summary.png save=out/eval.json
 
 samples: $(DPO)   ## a few answers from each stage
-	@for ckpt in out/pretrain out/sft/merged out/dpo/merged; do \
+	@for ckpt in out/pretrain out/sft out/dpo/merged; do \
 		echo "== $$ckpt"; \
 		printf "len('banana') = ?\nsorted([3, 1, 2]) = ?\n'abc'.upper() = ?\n" | \
 			$(PY) sample.py checkpoint=$$ckpt chat=true temperature=0 max_new_tokens=16; \

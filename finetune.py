@@ -93,6 +93,9 @@ class FinetuneConfig(TrainConfig):
             errors.append("lora_targets must name at least one module")
         if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
             errors.append(f"base_dtype must be auto, float32, bfloat16 or float16, not '{self.base_dtype}'")
+        if self.optimizer == "muon" and self.finetune != "full":  # Muon's update is a whole matrix's, not an adapter's
+            errors.append(f"optimizer=muon trains whole weight matrices, finetune={self.finetune} trains adapters: "
+                          "use optimizer=adamw (or finetune=full)")  # fmt: skip
         if self.finetune == "full" and self.base_dtype not in ("auto", "float32"):
             errors.append("base_dtype: full fine-tuning keeps fp32 master weights; use dtype=bfloat16 for autocast")
         if self.eval_tasks_n < 0 or self.eval_max_new_tokens <= 0 or self.max_examples < 0:

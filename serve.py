@@ -1,6 +1,6 @@
 """Serving: an OpenAI-compatible HTTP server and a web chat page for any checkpoint sample.py loads.
 
-    python serve.py checkpoint=out/sft/merged                  # http://127.0.0.1:8000 : the chat page
+    python serve.py checkpoint=out/sft                  # http://127.0.0.1:8000 : the chat page
     python serve.py checkpoint=out/dpo/merged port=8080 api_key=secret quantize=nf4
     python serve.py checkpoint=hf:TinyLlama/TinyLlama-1.1B-Chat-v1.0
     python serve.py --help
@@ -60,7 +60,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.htm
 
 @dataclasses.dataclass
 class ServeConfig:
-    checkpoint: str = "out/sft/merged"  # checkpoint dir (ours, a LoRA adapter, HF Llama/Mixtral) or hf:ORG/NAME
+    checkpoint: str = "out/sft"  # checkpoint dir (ours, a LoRA adapter, HF Llama/Mixtral) or hf:ORG/NAME
     host: str = "127.0.0.1"  # address to bind: 127.0.0.1 = this machine only; 0.0.0.0 = every network (set api_key)
     port: int = 8000  # TCP port
     api_key: str = ""  # when set, /v1/* needs the header `Authorization: Bearer <api_key>`

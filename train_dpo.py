@@ -1,7 +1,7 @@
 """Direct Preference Optimization (DPO): learn from (prompt, chosen, rejected) pairs, one readable loop.
 
     python prepare_data.py configs/data_builtin.yaml        # built-in tasks, incl. data/builtin/dpo_train.jsonl
-    python train_sft.py configs/sft_tiny.yaml               # the SFT model DPO starts from (out/sft/merged)
+    python train_sft.py configs/sft_tiny.yaml               # the SFT model DPO starts from (out/sft)
     python train_dpo.py configs/dpo_tiny.yaml               # LoRA DPO on the built-in pairs, ~40 s on 2 idle CPU cores
     python train_dpo.py configs/dpo_tiny.yaml loss_type=ipo pairs=static ref=precompute out_dir=out/dpo_ipo
     torchrun --nproc_per_node 8 train_dpo.py base=out/sft_big finetune=full ref=precompute lr=5e-7 min_lr=5e-8 \
@@ -227,7 +227,7 @@ class DPOConfig(ReplayConfig):
     plain_base = True  # the base is also the reference
 
     out_dir: str = "out/dpo"  # where checkpoints, log.jsonl, the adapter and the merged model go
-    base: str = "out/sft/merged"  # the model to improve, which is also the reference: ours or an HF Llama dir
+    base: str = "out/sft"  # the model to improve, which is also the reference: ours or an HF Llama dir
     data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of preference pairs, or a hub dataset name
     # static: train on the rows' own (chosen, rejected). on_policy: the policy answers each row's prompt
     # samples_per_prompt times, exact match against the row's chosen judges, and a right answer is paired with

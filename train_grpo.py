@@ -1,9 +1,9 @@
 """Group Relative Policy Optimization (GRPO): reinforcement learning on rewards a program checks, one loop.
 
-    python train_sft.py configs/sft_tiny.yaml               # the SFT model GRPO starts from (out/sft/merged)
+    python train_sft.py configs/sft_tiny.yaml               # the SFT model GRPO starts from (out/sft)
     python train_grpo.py configs/grpo_tiny.yaml             # LoRA GRPO on the built-in tasks, ~1 min on 2 CPU cores
     python train_grpo.py configs/grpo_tiny.yaml scale_rewards=false loss_agg=dr_grpo out_dir=out/grpo_dr
-    python eval.py compare=out/sft/merged,out/grpo/merged data= choices=
+    python eval.py compare=out/sft,out/grpo/merged data= choices=
     torchrun --nproc_per_node 8 train_grpo.py base=out/sft_big finetune=full beta=0.04 lr=1e-6 min_lr=1e-7
 
 The idea (Shao et al. 2024, "DeepSeekMath", section 4). For each prompt q, sample a group of G completions
@@ -237,7 +237,7 @@ class GRPOConfig(FinetuneConfig):
     plain_base = True  # the base is also the reference
 
     out_dir: str = "out/grpo"  # where checkpoints, log.jsonl, the adapter and the merged model go
-    base: str = "out/sft/merged"  # the model to improve (and the reference): ours or an HF Llama dir
+    base: str = "out/sft"  # the model to improve (and the reference): ours or an HF Llama dir
     data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of prompts with answers (prompt/answer, DPO or chat rows)
     families: list[str] = field(default_factory=list)  # keep only rows with these "family" values (empty = all)
     group_size: int = 8  # G: completions sampled per prompt (the group that forms the baseline)

@@ -1,9 +1,9 @@
 """Supervised fine-tuning (SFT): teach a base model to answer in the chat format, one readable loop.
 
     python train_pretrain.py configs/pretrain_tiny.yaml          # the base model: out/pretrain
-    python train_sft.py configs/sft_tiny.yaml                     # LoRA on the built-in tasks, ~3 min on CPU
-    python train_sft.py configs/sft_tiny.yaml finetune=full lr=3e-4 out_dir=out/sft_full
-    python sample.py checkpoint=out/sft/merged chat=true          # talk to it
+    python train_sft.py configs/sft_tiny.yaml                     # full fine-tuning (Muon) on the built-in tasks, ~4 min on CPU
+    python train_sft.py configs/sft_tiny.yaml finetune=lora optimizer=adamw lr=3e-3 min_lr=3e-4 out_dir=out/sft_lora
+    python sample.py checkpoint=out/sft chat=true          # talk to it
     torchrun --nproc_per_node 8 train_sft.py configs/sft_tinyllama_qlora.yaml
 
 What it does

@@ -14,7 +14,7 @@ Measured:
 The change in loss and accuracy against fp32 is the price of the smaller weights. On CPU, nf4 is slower than fp32:
 every forward dequantizes each weight in plain PyTorch, where bitsandbytes fuses dequantize + matmul on the GPU.
 
-Run:  python benchmarks/bench_quantize.py [--checkpoint out/sft/merged] [--data data/builtin]
+Run:  python benchmarks/bench_quantize.py [--checkpoint out/sft] [--data data/builtin]
 Numbers are printed, never asserted.
 """
 
@@ -55,7 +55,7 @@ def eval_metrics(args, dtype: str, quantize: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="out/sft/merged")
+    ap.add_argument("--checkpoint", default="out/sft")
     ap.add_argument("--data", default="data/builtin", help="prepared data dir: val shards and test.jsonl")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")

@@ -12,7 +12,7 @@ Batching turns P*G matrix-vector products into matrix-matrix products; the cache
 forward over the whole sequence into one token's. Expect batched + cache fastest by a wide margin on CPU too.
 
 Run:  python benchmarks/bench_rollout.py [--prompts 8] [--group 8] [--new-tokens 16] [--repeats 3] [--threads 1]
-      python benchmarks/bench_rollout.py --checkpoint out/sft/merged      # the demo's model and real prompts
+      python benchmarks/bench_rollout.py --checkpoint out/sft      # the demo's model and real prompts
 Numbers are printed, never asserted.
 """
 

@@ -12,7 +12,7 @@ What to expect: serve.py runs one request at a time (one worker thread, one KV c
 near the direct rate at every level while TTFT grows with the queue: ~ clients x one request's time. Batching
 requests (continuous batching) is what would raise tok/s with concurrency; serve.py does not do it.
 
-Run:  python benchmarks/bench_serve.py [--checkpoint out/sft/merged] [--max-tokens 64] [--requests 16]
+Run:  python benchmarks/bench_serve.py [--checkpoint out/sft] [--max-tokens 64] [--requests 16]
 Numbers are printed, never asserted.
 """
 
@@ -100,7 +100,7 @@ def direct(checkpoint: str, requests: int, max_tokens: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="out/sft/merged")
+    ap.add_argument("--checkpoint", default="out/sft")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     ap.add_argument("--levels", default="1,4,16")

@@ -485,7 +485,7 @@ def main(cfg: FiguresConfig) -> list[str]:
         "ddp_fsdp": fig_ddp_fsdp, "lora": fig_lora, "packed_mask": fig_packed_mask, "vlm": fig_vlm,
         "loss_curves": lambda c: fig_curves(c, "loss_curves.png", [
             (os.path.join(out, "pretrain", "log.jsonl"), "pretrain (train_pretrain.py)", None),
-            (os.path.join(out, "sft", "log.jsonl"), "SFT, LoRA (train_sft.py)", ("task_acc", "task accuracy")),
+            (os.path.join(out, "sft", "log.jsonl"), "SFT, full fine-tuning (train_sft.py)", ("task_acc", "task accuracy")),
             (os.path.join(out, "dpo", "log.jsonl"), "DPO + NLL, rpo_alpha 1 (train_dpo.py)", ("rewards/accuracy", "reward accuracy")),
         ]),
         "vlm_curves": lambda c: fig_curves(c, "vlm_curves.png", [

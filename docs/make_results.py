@@ -119,7 +119,7 @@ def dpo_numbers(rows: list[dict]) -> dict:
 
 
 def stage_name(checkpoint: str) -> str:
-    """out/sft/merged -> sft: the stage a compare= column belongs to (eval.plot_summary names bars the same way)."""
+    """out/sft -> sft: the stage a compare= column belongs to (eval.plot_summary names bars the same way)."""
     return os.path.basename(checkpoint.rstrip("/").removesuffix("/merged")) or checkpoint
 
 

@@ -1,6 +1,6 @@
 """The README's picture of the chat page: serve a checkpoint, ask it questions in headless Chromium, screenshot.
 
-    python scripts/screenshot_chat.py --checkpoint out/sft/merged --out docs/img/serve_chat.png
+    python scripts/screenshot_chat.py --checkpoint out/sft --out docs/img/serve_chat.png
 
 Needs Chromium + chromedriver (Debian: apt-get install chromium chromium-driver; `make setup-test` does it as
 root) and selenium (requirements-test.txt). The answers are the model's own, greedy (temperature 0).
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="out/sft/merged")
+    ap.add_argument("--checkpoint", default="out/sft")
     ap.add_argument("--out", default="docs/img/serve_chat.png")
     ap.add_argument("--system", default="Answer briefly.")
     ap.add_argument("--questions", default="len('banana') = ?|sorted([3, 1, 2]) = ?|'abc'.upper() = ?")

@@ -4,7 +4,7 @@ Commands are collected from README.md, README_zh.md, docs/*.md (docs/zh/*.md whe
 docstrings of every top-level .py file and the comments of configs/*.yaml: every `python train_*.py ...` and
 `torchrun ... train_*.py ...` (continuation lines joined). Each runs in-process as `run_cli(main, Config,
 argv + ["dry_run=true"])`, with WORLD_SIZE taken from --nproc_per_node (x --nnodes), in a scratch directory that
-holds what the earlier pipeline stages would have written (data/builtin, out/pretrain, out/sft/merged: the tiny
+holds what the earlier pipeline stages would have written (data/builtin, out/pretrain, out/sft: the tiny
 fixtures). Inputs that are not there (a hub model, a GPU cluster's data) are reported by the dry run as "not
 checked here"; everything else (keys, types, values, the batch split for that world size, the model size) must
 pass. The dry run must not write a single file.
@@ -107,14 +107,14 @@ def test_the_extractor_finds_the_commands_the_issue_names():
 
 @pytest.fixture(scope="module")
 def sandbox(tiny_data_dir, tmp_path_factory):
-    """A directory laid out as after `make demo`: data/builtin, out/pretrain, out/sft/merged (tiny stand-ins)."""
+    """A directory laid out as after `make demo`: data/builtin, out/pretrain, out/sft (tiny stand-ins)."""
     root = tmp_path_factory.mktemp("docs_world")
     os.symlink(os.path.join(ROOT, "configs"), root / "configs")
     (root / "data").mkdir()
     os.symlink(tiny_data_dir, root / "data" / "builtin")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**load_yaml(MICRO_MODEL)))
-    for rel in ("out/pretrain", "out/sft/merged"):
+    for rel in ("out/pretrain", "out/sft"):
         model.save_pretrained(str(root / rel), tokenizer_dir=tiny_data_dir)
     return root
 
@@ -203,8 +203,14 @@ def test_dry_run_refuses_what_a_real_run_would(sandbox, monkeypatch, capsys):
     code, _, err = dry_run(["configs/pretrain_tiny.yaml", "parallel=none"], "train_pretrain.py", 2, monkeypatch, capsys)
     assert code == 2 and "parallel=none with 2 processes" in err and "parallel=auto" in err
     assert err.strip().count("\n") == 0
-    code, _, err = dry_run(["configs/sft_tiny.yaml", "parallel=fsdp"], "train_sft.py", 2, monkeypatch, capsys)
+    argv = ["configs/sft_tiny.yaml", "finetune=lora", "optimizer=adamw", "parallel=fsdp"]
+    code, _, err = dry_run(argv, "train_sft.py", 2, monkeypatch, capsys)
     assert code == 2 and "parallel=fsdp with finetune=lora is not supported; use parallel=ddp" in err
+    code, _, err = dry_run(["configs/sft_tiny.yaml", "parallel=fsdp"], "train_sft.py", 2, monkeypatch, capsys)
+    assert code == 2 and "optimizer=muon needs whole weight matrices on each rank: use parallel=ddp" in err
+    code, _, err = dry_run(["configs/sft_tiny.yaml", "finetune=lora"], "train_sft.py", 1, monkeypatch, capsys)
+    assert code == 2 and "optimizer=muon trains whole weight matrices, finetune=lora trains adapters" in err
+    assert err.strip().count("\n") == 0
 
 
 # ----------------------------------------------------------------------------- the arithmetic

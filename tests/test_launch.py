@@ -106,7 +106,8 @@ def pretrain_args(data: str, out: str, **kw) -> list[str]:
 
 
 def sft_args(data: str, base: str, out: str, **kw) -> list[str]:
-    """configs/sft_tiny.yaml (LoRA, packed, replay, batch 32) made small: 3 steps on the tiny tasks, no task eval."""
+    """configs/sft_tiny.yaml (full fine-tuning with Muon, packed, replay, batch 64) made small: 3 steps on the tiny
+    tasks, no task eval."""
     args = dict(base=base, data=f"{data}/sft_train.jsonl", val_data=f"{data}/sft_test.jsonl", eval_tasks="", replay_data=data,
                 families="[easy]", steps=3, warmup_steps=1, eval_every=0, eval_batches=1, log_every=1,
                 eval_at_start="false", save_every=100, progress="false", out_dir=out)  # fmt: skip
@@ -153,21 +154,21 @@ def test_readme_pretrain_command_under_torchrun_equals_one_process(tiny_data_dir
 
 
 def test_sft_recipe_under_torchrun_equals_one_process(tiny_data_dir, micro_base, tmp_path):
-    """configs/sft_tiny.yaml (LoRA, packing) on 2 ranks: the same losses, adapters and merged model as 1 process."""
+    """configs/sft_tiny.yaml (full fine-tuning with Muon, packing, replay) on 2 ranks: the same losses and weights
+    as 1 process."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train_sft.main(parse_args(train_sft.SFTConfig, sft_args(tiny_data_dir, micro_base, one)))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     torchrun([*launch, "train_sft.py", *sft_args(tiny_data_dir, micro_base, two)])
-    # atol 5e-6: Adam's first steps move each weight by about lr x sign(g), so where g is near 0 the reduction order
-    # of the two launches (the replay rows split over 2 ranks) can move one element in ~1000 by ~1e-6.
-    assert_same_run(one, two, "adapter_model.safetensors", atol=5e-6)
-    merged_one, merged_two = load_file(f"{one}/merged/model.safetensors"), load_file(f"{two}/merged/model.safetensors")
-    for name in merged_one:
-        torch.testing.assert_close(merged_two[name], merged_one[name], rtol=1e-5, atol=1e-6)
-    base = load_file(os.path.join(micro_base, "model.safetensors"))
-    assert not torch.equal(
-        merged_two["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
-    )  # fmt: skip  (the adapters did train)
+    saved = json.load(open(os.path.join(two, "train_config.json")))
+    assert saved["finetune"] == "full" and saved["optimizer"] == "muon" and saved["batch_size"] == 64
+    # atol 2e-3, as for the pretraining recipe above: Muon's bf16 Newton-Schulz turns the 2 ranks' summation order
+    # into weight differences of up to ~6e-4 in a few steps, while a rank stepping on its own half-batch gradient
+    # changes the orthogonalized update itself, ~muon_lr = 0.01 per step.
+    assert_same_run(one, two, atol=2e-3)
+    base, tuned = load_file(os.path.join(micro_base, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (tuned[name] - base[name]).abs().max() > 1e-2  # the block matrices did train (3 Muon steps of ~0.01)
 
 
 # ----------------------------------------------------------------------------- the other stages, one spawn
@@ -186,7 +187,7 @@ def cases(data: str, base: str, moe: str) -> dict[str, tuple]:
     # iteration in bf16, which turns 2-rank summation order into ~6e-4 weight differences (checked at 2e-3 by
     # test_readme_pretrain_command_under_torchrun_equals_one_process); FSDP cannot run Muon at all.
     pre = [*pretrain_args(data, "")[:-1], "optimizer=adamw"]  # without out_dir=: each run adds its own
-    tune = sft_args(data, base, "")[:-1]
+    tune = [*sft_args(data, base, "")[:-1], "optimizer=adamw"]
     # The Switch balancing loss multiplies statistics of one micro-batch, so it depends on where the batch is cut:
     # micro 8 cuts it the same way in 1 process (accum 2) and on 2 ranks (8 each).
     moe_args = [*pre, f"model={moe}", "micro_batch_size=8"]

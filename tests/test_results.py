@@ -213,7 +213,7 @@ def test_make_results_gathers_what_the_runs_wrote(tmp_path):
         {"step": s, "rewards/accuracy": s / 100, "rewards/margin": s / 1000} for s in range(1, 13)
     ]
     (out / "dpo" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in dpo + [{"step": 12, "task_acc": 0.3}]))
-    evaluated = {"compare": [{"checkpoint": "out/pretrain", "val_loss": 3.7}, {"checkpoint": "out/sft/merged"}]}
+    evaluated = {"compare": [{"checkpoint": "out/pretrain", "val_loss": 3.7}, {"checkpoint": "out/sft"}]}
     (out / "eval.json").write_text(json.dumps(evaluated))
     data.mkdir()
     meta = {"removed": {"read": 9, "kept": 7, "empty": 1, "too_short": 1, "non_text": 0, "duplicate": 0},
