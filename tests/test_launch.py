@@ -64,12 +64,13 @@ def losses(out_dir: str, key: str = "loss") -> dict[int, float]:
     return {(r.get("stage", 0), r["step"]): r[key] for r in rows if key in r}
 
 
-def assert_same_run(one: str, two: str, weights: str = "model.safetensors", atol: float = 1e-6) -> None:
-    """Losses to 1e-5 and final weights, 1 process (`one`) vs 2 ranks (`two`)."""
+def assert_same_run(one: str, two: str, weights: str = "model.safetensors", atol: float = 1e-6,
+                    loss_atol: float = 1e-5) -> None:  # fmt: skip
+    """Losses (to 1e-5 unless told) and final weights, 1 process (`one`) vs 2 ranks (`two`)."""
     a, b = losses(one), losses(two)
     assert a.keys() == b.keys() and len(a) >= 3, (a, b)
     for step in a:
-        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+        assert abs(a[step] - b[step]) < loss_atol, (step, a[step], b[step])
     wa, wb = load_file(os.path.join(one, weights)), load_file(os.path.join(two, weights))
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -164,11 +165,14 @@ def test_sft_recipe_under_torchrun_equals_one_process(tiny_data_dir, micro_base,
     assert saved["finetune"] == "full" and saved["optimizer"] == "muon" and saved["batch_size"] == 64
     # atol 2e-3, as for the pretraining recipe above: Muon's bf16 Newton-Schulz turns the 2 ranks' summation order
     # into weight differences of up to ~6e-4 in a few steps, while a rank stepping on its own half-batch gradient
-    # changes the orthogonalized update itself, ~muon_lr = 0.01 per step.
-    assert_same_run(one, two, atol=2e-3)
+    # changes the orthogonalized update itself, ~muon_lr = 0.01 per step. Losses: 1e-4 (1.05e-5 apart at step 3 in
+    # one run: those weight differences reach the loss; a half-batch gradient moves it by ~1e-2).
+    assert_same_run(one, two, atol=2e-3, loss_atol=1e-4)
     base, tuned = load_file(os.path.join(micro_base, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert (tuned[name] - base[name]).abs().max() > 1e-2  # the block matrices did train (3 Muon steps of ~0.01)
+    # The block matrices did train: 3 Muon steps of an orthogonalized update, ~muon_lr / sqrt(width) per element
+    # (7e-3 at most here); an untrained matrix is unchanged bit for bit.
+    assert (tuned[name] - base[name]).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- the other stages, one spawn
