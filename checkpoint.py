@@ -244,8 +244,11 @@ def export_final(out_dir: str, ckpt_dir: str) -> None:
     """Copy the model files of the last checkpoint to OUT itself, so the next stage reads OUT."""
     # An earlier run of the other kind in this out_dir (overwrite=true) left its model: a LoRA dir that still held
     # model.safetensors, or a full one with adapter_config.json, would load as the wrong model.
-    adapter = os.path.isfile(os.path.join(ckpt_dir, "adapter_config.json"))
-    for name in ("config.json", "model.safetensors") if adapter else ("adapter_config.json", "adapter_model.safetensors", "merged"):
+    if os.path.isfile(os.path.join(ckpt_dir, "adapter_config.json")):
+        stale = ("config.json", "model.safetensors")
+    else:
+        stale = ("adapter_config.json", "adapter_model.safetensors", "merged")
+    for name in stale:
         old = os.path.join(out_dir, name)
         if os.path.isdir(old):
             shutil.rmtree(old)

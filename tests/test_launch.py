@@ -168,7 +168,8 @@ def test_sft_recipe_under_torchrun_equals_one_process(tiny_data_dir, micro_base,
     # changes the orthogonalized update itself, ~muon_lr = 0.01 per step. Losses: 1e-4 (1.05e-5 apart at step 3 in
     # one run: those weight differences reach the loss; a half-batch gradient moves it by ~1e-2).
     assert_same_run(one, two, atol=2e-3, loss_atol=1e-4)
-    base, tuned = load_file(os.path.join(micro_base, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    base = load_file(os.path.join(micro_base, "model.safetensors"))
+    tuned = load_file(os.path.join(two, "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     # The block matrices did train: 3 Muon steps of an orthogonalized update, ~muon_lr / sqrt(width) per element
     # (7e-3 at most here); an untrained matrix is unchanged bit for bit.

@@ -221,11 +221,13 @@ def test_rerun_of_the_other_kind_in_the_same_out_dir_leaves_one_model(tiny_data_
     run_inprocess(sft_args(tiny_data_dir, micro_base, out, **lora_run))
     assert os.path.isfile(os.path.join(out, "adapter_config.json")) and os.path.isdir(os.path.join(out, "merged"))
     run_inprocess(sft_args(tiny_data_dir, micro_base, out, finetune="full", steps=2, resume="never", overwrite="true"))
-    assert not any(os.path.exists(os.path.join(out, n)) for n in ("adapter_config.json", "adapter_model.safetensors", "merged"))
+    lora_files = ("adapter_config.json", "adapter_model.safetensors", "merged")
+    assert not any(os.path.exists(os.path.join(out, n)) for n in lora_files)
     full = load_file(os.path.join(out, "model.safetensors"))
     loaded = Transformer.from_pretrained(out).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in full.items())  # the dir is the full run's model, nothing else
-    run_inprocess(sft_args(tiny_data_dir, micro_base, out, **lora_run))  # and back: no stale full model beside the adapter
+    # And back: no stale full model beside the adapter.
+    run_inprocess(sft_args(tiny_data_dir, micro_base, out, **lora_run))
     assert not any(os.path.exists(os.path.join(out, n)) for n in ("config.json", "model.safetensors"))
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
 
