@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization (GRPO): reinforcement learning on rewards a program checks, one loop.
 
     python train_sft.py configs/sft_tiny.yaml               # the SFT model GRPO starts from (out/sft)
-    python train_grpo.py configs/grpo_tiny.yaml             # LoRA GRPO on the built-in tasks, ~1 min on 2 CPU cores
+    python train_grpo.py configs/grpo_tiny.yaml             # LoRA GRPO on the built-in tasks, ~3 min on 2 CPU cores
     python train_grpo.py configs/grpo_tiny.yaml scale_rewards=false loss_agg=dr_grpo out_dir=out/grpo_dr
     python eval.py compare=out/sft,out/grpo/merged data= choices=
     torchrun --nproc_per_node 8 train_grpo.py base=out/sft_big finetune=full beta=0.04 lr=1e-6 min_lr=1e-7
@@ -31,6 +31,8 @@ Key choices, each a switch (the defaults are what the ablation in docs/10-rl-grp
   base with adapters off (no copy), as train_dpo does; full fine-tuning keeps a frozen copy. beta=0 with
   track_kl=false never runs the reference.
 - `clip_eps`: PPO's clip of rho to [1 - eps, 1 + eps] (0 = off); it only acts when updates_per_batch > 1.
+- `oversample`: DAPO's dynamic sampling. Sample k times the batch's prompts and train on the groups whose
+  rewards differ (`pick_groups`): an all-right or all-wrong group has zero advantages and adds nothing.
 - The reward never runs model output: exact match against the row's answer (tasks.exact_match), plus an
   optional `format_reward` when the text parses with ast.literal_eval into the answer's type.
 
@@ -85,6 +87,19 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # (P, 1); the mean of equal floats may round, so force 0
     return torch.where(equal, torch.zeros_like(adv), adv).view(-1)
+
+
+def pick_groups(rewards: torch.Tensor, group_size: int, n_keep: int) -> list[int]:
+    """Which n_keep groups of (P*G,) rewards to train on: those with mixed rewards first, then the rest.
+
+    DAPO's dynamic sampling (Yu et al. 2025): a group whose rewards are all equal has zero advantages and
+    teaches nothing, so sample more prompts than the batch holds and keep the groups that carry a signal.
+    Both kinds keep their draw order, and the result is sorted, so the batch's shape never changes.
+    """
+    r = rewards.view(-1, group_size)
+    mixed = (r != r[:, :1]).any(dim=1).tolist()  # the same test as group_advantages' zero groups
+    order = [g for g, m in enumerate(mixed) if m] + [g for g, m in enumerate(mixed) if not m]
+    return sorted(order[:n_keep])
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -241,6 +256,7 @@ class GRPOConfig(FinetuneConfig):
     data: str = "data/builtin/dpo_train.jsonl"  # .jsonl of prompts with answers (prompt/answer, DPO or chat rows)
     families: list[str] = field(default_factory=list)  # keep only rows with these "family" values (empty = all)
     group_size: int = 8  # G: completions sampled per prompt (the group that forms the baseline)
+    oversample: int = 1  # sample this many times the batch's prompts, train on the groups with mixed rewards first
     max_new_tokens: int = 16  # longest completion; also the dr_grpo normalizer
     temperature: float = (
         1.0  # rollout temperature; the policy trained is softmax(logits / temperature) (greedy is unchanged)
@@ -281,6 +297,8 @@ class GRPOConfig(FinetuneConfig):
             errors.append(f"loss_agg must be one of {', '.join(AGGREGATIONS)}, not '{self.loss_agg}'")
         if self.beta < 0 or self.clip_eps < 0:
             errors.append("beta and clip_eps must be >= 0")
+        if self.oversample < 1:
+            errors.append("oversample must be >= 1 (1 = train on every group sampled)")
         if self.updates_per_batch < 1:
             errors.append("updates_per_batch must be >= 1")
         elif self.steps % self.updates_per_batch or self.save_every % self.updates_per_batch:
@@ -366,16 +384,23 @@ def main(cfg: GRPOConfig) -> None:
     @torch.no_grad()
     def collect(step: int) -> tuple[list[dict], dict]:
         """One batch of rollouts on this rank: micro-batches {x, y, adv, ref, old} and their metrics."""
-        mine = sampler.take(prompts_per_step)[run.rank :: run.world_size]  # whole groups per rank
+        drawn = sampler.take(prompts_per_step * cfg.oversample)[run.rank :: run.world_size]  # whole groups per rank
         gen = torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + step) * 1009 + run.rank)
         t0 = time.perf_counter()
         with run.autocast:
-            completions = rollout(raw_model, [prompts[i] for i in mine], cfg.group_size, cfg.max_new_tokens,
+            completions = rollout(raw_model, [prompts[i] for i in drawn], cfg.group_size, cfg.max_new_tokens,
                                   cfg.temperature, cfg.top_p, end_id, gen)  # fmt: skip
         gen_s = time.perf_counter() - t0
         texts = [tokenizer.decode([t for t in c if t != end_id]) for c in completions]
-        targets = [answers[i] for i in mine for _ in range(cfg.group_size)]
+        targets = [answers[i] for i in drawn for _ in range(cfg.group_size)]
         rewards = torch.tensor([task_reward(t, a, cfg.format_reward) for t, a in zip(texts, targets, strict=True)])
+        sampled = rewards.clone()  # the policy's reward on everything it sampled, for the log
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float)
+        mine = drawn
+        if cfg.oversample > 1:  # dynamic sampling: train on the groups that carry a signal
+            keep = pick_groups(rewards, cfg.group_size, len(drawn) // cfg.oversample)
+            picked = torch.tensor([g * cfg.group_size + j for g in keep for j in range(cfg.group_size)])
+            mine, completions, rewards = [drawn[g] for g in keep], [completions[r] for r in picked], rewards[picked]
         adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)  # (P*G,)
         batches = []
         for m in range(run.accum):
@@ -393,12 +418,13 @@ def main(cfg: GRPOConfig) -> None:
                             b["ref"] = token_logps(raw_model, b["x"], b["y"], cfg.temperature)[0]
                         raw_model.train()
             batches.append(b)
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float)
-        groups = rewards.view(-1, cfg.group_size)
-        stats = torch.tensor([rewards.mean(), groups.std(dim=1).mean(), (rewards == 1).float().mean(),
-                              (adv.view(-1, cfg.group_size) == 0).all(dim=1).float().mean(), lengths.mean(),
+        groups = sampled.view(-1, cfg.group_size)
+        stats = torch.tensor([sampled.mean(), groups.std(dim=1).mean(), (sampled == 1).float().mean(),
+                              (adv.view(-1, cfg.group_size) == 0).all(dim=1).float().mean(),
+                              (groups == groups[:, :1]).all(dim=1).float().mean(), lengths.mean(),
                               lengths.sum() / max(gen_s, 1e-9)], device=device)  # fmt: skip
-        names = ["reward", "reward_std", "accuracy", "zero_adv_groups", "completion_len", "rollout_tok_per_s"]
+        names = ["reward", "reward_std", "accuracy", "zero_adv_groups", "zero_adv_sampled", "completion_len",
+                 "rollout_tok_per_s"]  # fmt: skip
         n_tokens = sum(int((b["y"] != -1).sum()) for b in batches)
         return batches, dict(zip(names, tc.all_reduce_mean(stats).tolist(), strict=True)) | {"n_tokens": n_tokens}
 

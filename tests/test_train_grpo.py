@@ -21,7 +21,7 @@ import train_grpo
 import train_sft
 from config import ConfigError, load_yaml, parse_args
 from model import ModelConfig, Transformer
-from train_grpo import group_advantages, grpo_loss, k3_kl, task_reward, token_logps
+from train_grpo import group_advantages, grpo_loss, k3_kl, pick_groups, task_reward, token_logps
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -89,6 +89,18 @@ def test_advantages_and_groups_without_signal():
     unscaled = group_advantages(rewards, 4, scale=False)
     torch.testing.assert_close(unscaled[16:], torch.tensor([0.1, 1, 0.1, 0]) - 0.3, rtol=1e-6, atol=1e-6)
     assert torch.equal(unscaled[:8], torch.zeros(8))
+
+
+def test_dynamic_sampling_keeps_the_groups_with_a_signal_first():
+    # six groups of 3, in draw order: all 0 | mixed | all 1 | mixed | all 0.5 | mixed (0.5 vs 0)
+    rewards = torch.tensor([0.0, 0, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0.5, 0.5, 0.5, 0.5, 0, 0.5])
+    assert pick_groups(rewards, 3, 3) == [1, 3, 5]  # exactly the mixed ones
+    assert pick_groups(rewards, 3, 2) == [1, 3]  # too many mixed: the first drawn
+    assert pick_groups(rewards, 3, 4) == [0, 1, 3, 5]  # too few: filled with the first of the rest, in draw order
+    assert pick_groups(rewards, 3, 6) == list(range(6))
+    # the groups it calls mixed are exactly those whose advantages are not all zero
+    adv = group_advantages(rewards, 3).view(-1, 3)
+    assert [g for g in range(6) if adv[g].abs().sum() > 0] == [1, 3, 5]
 
 
 def test_k3_is_nonnegative_zero_at_equal_policies_and_estimates_the_kl():
@@ -228,7 +240,7 @@ def test_resume_equals_uninterrupted(digit_task, tmp_path):
     """Two updates per batch of rollouts (the clip and the stored old log-probs at work) and the KL on: 4 steps
     straight == 2 steps, stop, resume to 4: the same logged numbers and bit-identical adapters."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    kw = dict(updates_per_batch=2, beta=0.1, eval_tasks="", lora_dropout=0.1)
+    kw = dict(updates_per_batch=2, beta=0.1, eval_tasks="", lora_dropout=0.1, oversample=2)
     run_grpo(grpo_args(*digit_task, straight, **kw))
     run_grpo(grpo_args(*digit_task, split, stop_after_steps=2, **kw))
     assert not os.path.exists(os.path.join(split, "adapter_model.safetensors"))
@@ -240,9 +252,24 @@ def test_resume_equals_uninterrupted(digit_task, tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_oversampling_trains_on_fewer_groups_without_a_signal(digit_task, tmp_path):
+    """oversample=2 draws all 8 prompts a step and trains on the 4 whose groups carry the most signal: the trained
+    batch's share of all-equal groups is at most the sampled one's, and below it whenever the draw allowed."""
+    out = str(tmp_path / "os")
+    run_grpo(grpo_args(*digit_task, out, oversample=2, eval_tasks="", steps=6))
+    train = [r for r in log_rows(out) if "reward" in r]
+    assert len(train) == 6
+    for r in train:  # per step: 8 groups sampled, 4 kept; n_zero_kept = max(0, n_zero_sampled - 4)
+        n_zero = round(r["zero_adv_sampled"] * 8)
+        assert r["zero_adv_groups"] == max(0, n_zero - 4) / 4, r
+    assert any(0 < r["zero_adv_sampled"] for r in train)  # the check above was not only about all-mixed draws
+
+
 def test_bad_settings_are_one_line_errors(digit_task):
     with pytest.raises(ConfigError, match="multiple of group_size"):
         parse_args(train_grpo.GRPOConfig, grpo_args(*digit_task, "o", batch_size=30))
+    with pytest.raises(ConfigError, match="oversample"):
+        parse_args(train_grpo.GRPOConfig, grpo_args(*digit_task, "o", oversample=0))
     with pytest.raises(ConfigError, match="loss_agg"):
         parse_args(train_grpo.GRPOConfig, grpo_args(*digit_task, "o", loss_agg="mean"))
     with pytest.raises(ConfigError, match="multiples of updates_per_batch"):
