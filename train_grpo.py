@@ -317,7 +317,10 @@ class GRPOConfig(FinetuneConfig):
 
 def main(cfg: GRPOConfig) -> None:
     if cfg.dry_run:
-        notes = (f"rollouts: {cfg.batch_size // cfg.group_size} prompts x {cfg.group_size} completions per batch",)
+        drawn = f", picked from {cfg.oversample}x as many sampled" if cfg.oversample > 1 else ""
+        notes = (
+            f"rollouts: {cfg.batch_size // cfg.group_size} prompts x {cfg.group_size} completions per batch{drawn}",
+        )
         return dry_run(cfg, "train_grpo.py", plan_base_config(cfg), "completions", ragged=True, notes=notes)
 
     # ---- setup ----
@@ -351,7 +354,8 @@ def main(cfg: GRPOConfig) -> None:
         prompts.append(p if len(p) <= limit else p[:1] + p[len(p) - limit + 1 :])
     answers = [answer for _, answer in rows]
     sampler = ExampleSampler(len(prompts), cfg.seed)
-    run.print(f"data: {len(prompts)} prompts, {prompts_per_step} per batch x {cfg.group_size} completions")
+    drawn = f", picked from {prompts_per_step * cfg.oversample} sampled" if cfg.oversample > 1 else ""
+    run.print(f"data: {len(prompts)} prompts, {prompts_per_step} per batch x {cfg.group_size} completions{drawn}")
 
     # ---- model ----
     torch.manual_seed(cfg.seed)  # LoRA's A init: identical on every rank

@@ -12,7 +12,10 @@ whatever else the machine is doing slows both alike, so the ratio of their wall 
 absolute times are not. (The demo itself runs one training with 2 threads; per-step cost ratios carry over.)
 Each finished model is then scored by eval.py on the whole val split at the model's full context (1024), as the
 README's results table does: val loss (nats/token) and bits per byte (total nats / ln 2 / UTF-8 bytes of the
-val text), the same measure for both.
+val text), the same measure for both. Both recipes train at seq_len 256, so 3/4 of each 1024-token window asks
+the model about positions it never trained at (RoPE past its training length: the loss climbs with position).
+The last column scores the same models in 256-token windows (`eval.py seq_len=256`), the context they trained
+at. The bits/byte goal of issue 19 was set on the 1024-token measure.
 Prints one table row per recipe; nothing is asserted.
 """
 
@@ -41,8 +44,9 @@ def start(name: str, overrides: list[str], out: str, threads: int) -> tuple[subp
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
 
 
-def score(checkpoint: str, threads: int) -> dict:
-    """eval.py's language-model metrics on the whole val split (last stdout line is its JSON)."""
+def score(checkpoint: str, threads: int, seq_len: int = 0) -> dict:
+    """eval.py's language-model metrics on the whole val split (last stdout line is its JSON); seq_len 0 = the
+    model's full context."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [
         sys.executable,
@@ -52,6 +56,7 @@ def score(checkpoint: str, threads: int) -> dict:
         "tasks=",
         "choices=",
         "device=cpu",
+        f"seq_len={seq_len}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,15 +84,20 @@ def main() -> None:
     rows = []
     for i, name in enumerate(recipes):
         with open(os.path.join(out, f"run{i}", "train_config.json")) as fh:
-            steps = json.load(fh)["steps"]
-        metrics = score(os.path.join(out, f"run{i}"), 2 * args.threads)  # alone now: both threads
-        rows.append((name, steps, seconds[name], metrics["val_loss"], metrics["val_bpb"]))
-    print(f"\n| recipe | steps | s/step | wall s | wall ratio | val loss | bits/byte |\n|{'---|' * 7}")
-    for name, steps, secs, loss, bpb in rows:
+            trained = json.load(fh)
+        full = score(os.path.join(out, f"run{i}"), 2 * args.threads)  # alone now: both threads
+        short = score(os.path.join(out, f"run{i}"), 2 * args.threads, trained["seq_len"])
+        rows.append((name, trained["steps"], seconds[name], full["val_loss"], full["val_bpb"], short["val_bpb"]))
+    print(
+        f"\n| recipe | steps | s/step | wall s | wall ratio | val loss | bits/byte | bits/byte, trained context |\n|{'---|' * 8}"
+    )
+    for name, steps, secs, loss, bpb, bpb_short in rows:
         print(
-            f"| {name} | {steps} | {secs / steps:.2f} | {secs:.0f} | {secs / rows[0][2]:.2f} | {loss:.4f} | {bpb:.3f} |"
+            f"| {name} | {steps} | {secs / steps:.2f} | {secs:.0f} | {secs / rows[0][2]:.2f} | {loss:.4f} | {bpb:.3f} "
+            f"| {bpb_short:.3f} |"
         )
-    print("(eval.py on the whole val split, full context; wall time includes start-up and the final save)")
+    print("(eval.py on the whole val split, full context, then in windows of the trained seq_len; wall time includes")
+    print(" start-up and the final save)")
 
 
 if __name__ == "__main__":

@@ -236,11 +236,12 @@ def test_short_run_learns_the_task(digit_task, tmp_path):
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
 
 
-def test_resume_equals_uninterrupted(digit_task, tmp_path):
+@pytest.mark.parametrize("oversample", [1, 2])
+def test_resume_equals_uninterrupted(digit_task, tmp_path, oversample):
     """Two updates per batch of rollouts (the clip and the stored old log-probs at work) and the KL on: 4 steps
     straight == 2 steps, stop, resume to 4: the same logged numbers and bit-identical adapters."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    kw = dict(updates_per_batch=2, beta=0.1, eval_tasks="", lora_dropout=0.1, oversample=2)
+    kw = dict(updates_per_batch=2, beta=0.1, eval_tasks="", lora_dropout=0.1, oversample=oversample)
     run_grpo(grpo_args(*digit_task, straight, **kw))
     run_grpo(grpo_args(*digit_task, split, stop_after_steps=2, **kw))
     assert not os.path.exists(os.path.join(split, "adapter_model.safetensors"))
@@ -252,9 +253,28 @@ def test_resume_equals_uninterrupted(digit_task, tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_oversampling_trains_on_fewer_groups_without_a_signal(digit_task, tmp_path):
+def test_oversampling_trains_on_fewer_groups_without_a_signal(digit_task, tmp_path, monkeypatch):
     """oversample=2 draws all 8 prompts a step and trains on the 4 whose groups carry the most signal: the trained
-    batch's share of all-equal groups is at most the sampled one's, and below it whenever the draw allowed."""
+    batch's share of all-equal groups is at most the sampled one's, and below it whenever the draw allowed. Every
+    trained completion still sits next to the prompt it was sampled for."""
+    sampled_for, picks = {}, []
+    real_rollout, real_make_batch, real_pick = train_grpo.rollout, train_grpo.make_batch, train_grpo.pick_groups
+
+    def rollout(model, prompts, group_size, *args):  # remember which prompt each completion (a list) answers
+        outs = real_rollout(model, prompts, group_size, *args)
+        sampled_for.update((id(c), tuple(prompts[k // group_size])) for k, c in enumerate(outs))
+        return outs
+
+    def make_batch(prompts, completions, pad_id):
+        assert all(sampled_for[id(c)] == tuple(p) for p, c in zip(prompts, completions, strict=True))
+        return real_make_batch(prompts, completions, pad_id)
+
+    def pick_groups(rewards, group_size, n_keep):
+        picks.append(real_pick(rewards, group_size, n_keep))
+        return picks[-1]
+
+    for name, fn in (("rollout", rollout), ("make_batch", make_batch), ("pick_groups", pick_groups)):
+        monkeypatch.setattr(train_grpo, name, fn)
     out = str(tmp_path / "os")
     run_grpo(grpo_args(*digit_task, out, oversample=2, eval_tasks="", steps=6))
     train = [r for r in log_rows(out) if "reward" in r]
@@ -263,6 +283,7 @@ def test_oversampling_trains_on_fewer_groups_without_a_signal(digit_task, tmp_pa
         n_zero = round(r["zero_adv_sampled"] * 8)
         assert r["zero_adv_groups"] == max(0, n_zero - 4) / 4, r
     assert any(0 < r["zero_adv_sampled"] for r in train)  # the check above was not only about all-mixed draws
+    assert len(picks) == 6 and any(p != [0, 1, 2, 3] for p in picks)  # the alignment check saw groups reordered
 
 
 def test_bad_settings_are_one_line_errors(digit_task):
