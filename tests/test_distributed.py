@@ -279,8 +279,12 @@ def _meta_worker(info, tmp):
 
     root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
     block = sum(p.numel() for p in model.model.layers[0].parameters())
+    # gloo may keep the last tensor it broadcast referenced for a moment after the call returns (a CI run saw one
+    # block parameter still alive when the next block began): allow that one parameter, never a second block.
+    largest = max(p.numel() for p in model.model.layers[0].parameters())
     FSDP(model, list(model.model.layers), device=torch.device("cpu"), init_parameter=counting_init)
-    assert root + block >= peak[0] > block and peak[0] < root + 4 * block, (peak[0], root, block)
+    assert root + block + largest >= peak[0] > block, (peak[0], root, block, largest)
+    assert root + block + largest < root + 2 * block  # the bound above still rules out two whole blocks
 
 
 def test_meta_device_model_is_initialized_unit_by_unit_with_the_same_weights(tmp_path):
