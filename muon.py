@@ -50,19 +50,21 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: steepest slop
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7):
     """~U V^T of a matrix g = U S V^T by `steps` quintic Newton-Schulz iterations (in `dtype`).
 
-    g: (m, n). Returns (m, n) in `dtype`, singular values roughly in [0.7, 1.2].
+    g: (m, n), or a stack (k, m, n) of same-shape matrices, each orthogonalized on its own: one batched matmul
+    instead of k small ones (fewer calls, the same numbers). Returns g's shape in `dtype`, singular values
+    roughly in [0.7, 1.2].
     """
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T  # (n, m): the Gram matrix below is then the small (short side)^2 one
-    x = x / x.norm().clamp(min=eps)  # ||x||_2 <= ||x||_F = 1: every singular value in [0, 1]
+        x = x.mT  # (..., n, m): the Gram matrix below is then the small (short side)^2 one
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # ||x||_2 <= ||x||_F = 1: singular values in [0, 1]
     for _ in range(steps):
-        gram = x @ x.T  # (k, k), k = min(m, n)
+        gram = x @ x.mT  # (..., k, k), k = min(m, n)
         poly = b * gram + c * (gram @ gram)  # b X X^T + c (X X^T)^2
         x = a * x + poly @ x  # p(X) = a X + b X X^T X + c (X X^T)^2 X
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -88,26 +90,32 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, wd = group["lr"] * group["lr_scale"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon_update(p, group, lr, wd)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["muon"]:
+                for p in params:
                     self._adamw_update(p, group, lr, wd)
+                continue
+            by_shape = {}  # same-shape matrices (every layer's q_proj, ...) are orthogonalized as one stack
+            for p in params:
+                by_shape.setdefault((p.shape, p.device), []).append(p)
+            for same in by_shape.values():
+                self._muon_update(same, group, lr, wd)
 
-    def _muon_update(self, p: torch.Tensor, group: dict, lr: float, wd: float) -> None:
-        g, mu = p.grad, group["momentum"]
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.mul_(mu).add_(g, alpha=1 - mu)  # B = mu B + (1 - mu) G
-        m = g * (1 - mu) + buf * mu if group["nesterov"] else buf  # Nesterov: (1 - mu) G + mu B
-        o = orthogonalize(m, group["ns_steps"], self.ns_dtype)  # (m, n), singular values ~1
-        rows, cols = p.shape
-        p.mul_(1 - lr * wd)  # decoupled weight decay, with the unscaled lr (as torch.optim.Muon)
-        p.add_(o.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))  # tall matrices: larger step
+    def _muon_update(self, params: list[torch.Tensor], group: dict, lr: float, wd: float) -> None:
+        """One Muon step for matrices of one shape."""
+        mu, momenta = group["momentum"], []
+        for p in params:
+            g, state = p.grad, self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(g, alpha=1 - mu)  # B = mu B + (1 - mu) G
+            momenta.append(g * (1 - mu) + buf * mu if group["nesterov"] else buf)  # Nesterov: (1 - mu) G + mu B
+        o = orthogonalize(torch.stack(momenta), group["ns_steps"], self.ns_dtype)  # (k, m, n), singular values ~1
+        rows, cols = params[0].shape
+        for p, o_p in zip(params, o, strict=True):
+            p.mul_(1 - lr * wd)  # decoupled weight decay, with the unscaled lr (as torch.optim.Muon)
+            p.add_(o_p.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))  # tall matrices: larger step
 
     def _adamw_update(self, p: torch.Tensor, group: dict, lr: float, wd: float) -> None:
         (beta1, beta2), g = group["betas"], p.grad

@@ -138,7 +138,7 @@ def completion_logps(model, batch) -> torch.Tensor:
     Padded rows (doc None) are one sequence each; packed rows add each token into its sequence's sum.
     """
     x, y, doc = batch
-    token_logps = -model(x, y, loss_reduction="none", document_ids=doc)  # (rows, T)
+    token_logps = -model(x, y, loss_reduction="none", document_ids=doc, only_targets=True)  # (rows, T)
     if doc is None:
         return token_logps.sum(dim=-1)  # (2B, T) -> (2B,)
     real = doc >= 0  # padding is document -1

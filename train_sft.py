@@ -245,7 +245,8 @@ def main(cfg: SFTConfig) -> None:
             doc = doc.to(device, non_blocking=True) if doc is not None else None  # (B, T) packed rows, or None
             with run.no_sync(micro):  # only the last micro-batch all-reduces gradients
                 with run.autocast:
-                    nll = step_model(x, y, loss_reduction="none", document_ids=doc)  # (B, T), 0 where y is -1
+                    # (B, T) per-token losses, 0 where y is -1 (the output head runs only where y is not)
+                    nll = step_model(x, y, loss_reduction="none", document_ids=doc, only_targets=True)
                     aux = raw_model.moe_aux_loss()  # MoE balancing losses of this forward (0 for dense models)
                     loss = nll[:n].sum() / denom
                     # Replay rows: their own mean per token, weighted, so that the SFT loss keeps its meaning.

@@ -204,6 +204,31 @@ def test_loss_reductions_match_cross_entropy():
     assert torch.isfinite(model(idx, torch.full_like(targets, -1)))  # nothing to predict: 0, not NaN
 
 
+def test_head_only_at_targets_gives_the_same_losses_and_gradients():
+    # only_targets=True runs lm_head on the positions with a target only (fine-tuning batches); the reference is
+    # F.cross_entropy over the full logits. Packed rows too, as train_sft and train_dpo call it.
+    model = make_model()
+    idx = torch.randint(0, 96, (3, 12))
+    targets = torch.randint(0, 96, (3, 12))
+    targets[0, :5] = -1  # a prompt
+    targets[1, 7:] = -1  # padding
+    targets[2] = -1  # a row with nothing to predict
+    doc = torch.tensor([[0] * 12, [1] * 6 + [2] * 6, [3] * 12])
+    ref = F.cross_entropy(model(idx, document_ids=doc).flatten(0, 1), targets.flatten(), ignore_index=-1,
+                          reduction="none").view(3, 12)  # fmt: skip
+    ref.sum().backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    got = model(idx, targets, loss_reduction="none", document_ids=doc, only_targets=True)
+    assert got.shape == (3, 12) and (got[targets == -1] == 0).all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    for name, p in model.named_parameters():  # the skipped positions had no gradient to give
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    mean = model(idx, targets, document_ids=doc, only_targets=True)
+    torch.testing.assert_close(mean, ref.sum() / (targets != -1).sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_only_in_training():
     plain = make_model()
     noisy = Transformer(dataclasses.replace(plain.config, dropout=0.2, attention_dropout=0.2))

@@ -11,6 +11,8 @@ import torch
 from muon import Muon, orthogonalize
 
 SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall (scaled step), wide, square
+# Same-shape matrices are orthogonalized as one stack (every layer's q_proj, ...): each must still get its own.
+REPEATED = [(64, 32), (48, 48), (64, 32), (32, 64), (48, 48), (64, 32)]
 
 
 def fixed_tensors(shapes, seed=0):
@@ -32,8 +34,9 @@ def run(optimizer_factory, params, grads):
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_matches_torch_muon(nesterov):
-    params, grads = fixed_tensors(SHAPES)
+@pytest.mark.parametrize("shapes", [SHAPES, REPEATED], ids=["distinct", "repeated"])
+def test_muon_matches_torch_muon(nesterov, shapes):
+    params, grads = fixed_tensors(shapes)
     lr, wd, mu = 0.02, 0.1, 0.95
     ref = run(lambda ps: torch.optim.Muon(ps, lr=lr, weight_decay=wd, momentum=mu, nesterov=nesterov), params, grads)
     ours = run(
@@ -46,7 +49,7 @@ def test_muon_matches_torch_muon(nesterov):
         # step's update differs by bf16 rounding: ~1% of an entry of size ~lr. Six steps of size ~lr (0.02,
         # x1.41 for the tall matrix): atol 2e-3 is 10% of one step. A wrong scaling, momentum or decay is >= 1 step.
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
-        assert (a - p0).abs().max() > 0.05  # the parameters did move by several steps
+        assert (a - p0).abs().max() > 0.03  # the parameters did move: 15x atol
 
 
 def test_adamw_groups_match_torch_adamw():
