@@ -8,7 +8,7 @@ decoupled weight decay with the unscaled lr, and adjust_lr_fn=None ("original") 
 import pytest
 import torch
 
-from muon import Muon, orthogonalize
+from muon import Muon, newton_schulz_dtype, orthogonalize
 
 SHAPES = [(64, 32), (32, 64), (48, 48)]  # tall (scaled step), wide, square
 # Same-shape matrices are orthogonalized as one stack (every layer's q_proj, ...): each must still get its own.
@@ -35,19 +35,23 @@ def run(optimizer_factory, params, grads):
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("shapes", [SHAPES, REPEATED], ids=["distinct", "repeated"])
-def test_muon_matches_torch_muon(nesterov, shapes):
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_muon_matches_torch_muon(nesterov, shapes, ns_dtype):
     params, grads = fixed_tensors(shapes)
     lr, wd, mu = 0.02, 0.1, 0.95
     ref = run(lambda ps: torch.optim.Muon(ps, lr=lr, weight_decay=wd, momentum=mu, nesterov=nesterov), params, grads)
     ours = run(
-        lambda ps: Muon([{"params": ps, "muon": True}], lr=lr, weight_decay=wd, momentum=mu, nesterov=nesterov),
+        lambda ps: Muon(
+            [{"params": ps, "muon": True}], lr=lr, weight_decay=wd, momentum=mu, nesterov=nesterov, ns_dtype=ns_dtype
+        ),  # fmt: skip
         params,
         grads,
     )
     for a, b, p0 in zip(ours, ref, params, strict=True):
-        # Both orthogonalize in bfloat16 but order the matmuls differently (torch fuses them with addmm), so each
-        # step's update differs by bf16 rounding: ~1% of an entry of size ~lr. Six steps of size ~lr (0.02,
-        # x1.41 for the tall matrix): atol 2e-3 is 10% of one step. A wrong scaling, momentum or decay is >= 1 step.
+        # torch.optim.Muon orthogonalizes in bfloat16. Ours in bf16 orders the matmuls differently (torch fuses them
+        # with addmm), ours in fp32 skips bf16's rounding: either way each step's update differs by bf16 rounding,
+        # ~1% of an entry of size ~lr. Six steps of size ~lr (0.02, x1.41 for the tall matrix): atol 2e-3 is 10% of
+        # one step. A wrong scaling, momentum or decay is >= 1 step.
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
         assert (a - p0).abs().max() > 0.03  # the parameters did move: 15x atol
 
@@ -102,3 +106,20 @@ def test_newton_schulz_singular_values_near_one(shape):
 def test_muon_refuses_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(4))], "muon": True}], lr=0.02)
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_cpu_has_native_kernels(monkeypatch):
+    """Default Muon: bf16 Newton-Schulz where oneDNN has bf16 kernels, fp32 where torch would fall back to a scalar
+    loop (100x slower on an AVX2-only CPU). The update computed either way is the one of that explicit dtype."""
+    params, grads = fixed_tensors(SHAPES, seed=4)
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert newton_schulz_dtype(torch.device("cpu")) == want
+        auto = run(lambda ps: Muon([{"params": ps, "muon": True}], lr=0.02), params, grads)
+        explicit = run(lambda ps, d=want: Muon([{"params": ps, "muon": True}], lr=0.02, ns_dtype=d), params, grads)
+        other = run(lambda ps, d=want: Muon([{"params": ps, "muon": True}], lr=0.02,
+                                            ns_dtype=torch.float32 if d == torch.bfloat16 else torch.bfloat16),
+                    params, grads)  # fmt: skip
+        for a, b, c in zip(auto, explicit, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same dtype, the same ops: bit-equal
+            assert not torch.equal(a, c)  # and the other dtype does give different bits, so the check can fail
