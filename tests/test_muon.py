@@ -43,7 +43,7 @@ def test_muon_matches_torch_muon(nesterov, shapes, ns_dtype):
     ours = run(
         lambda ps: Muon(
             [{"params": ps, "muon": True}], lr=lr, weight_decay=wd, momentum=mu, nesterov=nesterov, ns_dtype=ns_dtype
-        ),  # fmt: skip
+        ),
         params,
         grads,
     )
