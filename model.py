@@ -517,7 +517,7 @@ class Transformer(nn.Module):
         if only_targets and targets is not None:
             keep = targets != -1  # (B, T)
             x, targets = x[keep][None], targets[keep][None]  # (1, N, C), (1, N): only the N positions with a target
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V), or (1, N, V) with only_targets
         if targets is None:
             return logits
         # fp32 log-softmax even for bf16 logits: the loss is a small difference of large numbers.
