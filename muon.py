@@ -51,7 +51,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: steepest slop
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where a bf16 matmul runs on native kernels, else float32.
 
-    GPUs since Ampere have them (torch.cuda.is_bf16_supported). On a CPU, torch's bf16 matmul goes through oneDNN,
+    GPUs since Ampere (compute capability 8) have them; older ones only emulate bf16. On a CPU, torch's bf16 matmul goes through oneDNN,
     which needs AVX-512 (or Arm's bf16 instructions); without it torch falls back to a scalar loop. Measured on a
     2-core AMD EPYC with AVX2 only: a 256x1024 @ 1024x256 product at 1.1 GFLOP/s in bf16 vs 116 in fp32, which made
     the demo's pretraining 4x slower (546 vs 2,210 tokens/s). float32 there is both faster and more precise.
