@@ -1,7 +1,7 @@
 """Generation: load any checkpoint for inference and generate from it with a KV cache.
 
 The library under `sample.py`, `eval.py`, `serve.py` and the training loops that sample (pretraining's
-preview, GRPO's rollouts, the VLM's answers). The command line lives in sample.py.
+preview, GRPO's rollouts, on-policy DPO's pairs, the VLM's answers). The command line lives in sample.py.
 
 How generation works (what `generate` does):
 1. Prompts of different lengths are left-padded into one batch, with an attention mask, so every
@@ -338,3 +338,20 @@ def chat_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
         answers += [tokenizer.decode(out) for out in outs]
     model.train(was_training)
     return answers
+
+
+def sample_answers(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
+                   generator: torch.Generator, rows_per_call: int = 256) -> list[list[str]]:  # fmt: skip
+    """k answer texts per prompt (chat prompts ending in <|assistant|>), sampled with the KV cache in batched
+    generate calls of at most rows_per_call rows; each stops at <|end|> or EOS. Eval mode: no dropout.
+    On-policy DPO judges them into pairs (preference_pairs.py); eval.py samples= scores them as pass@k / maj@k."""
+    was_training = model.training
+    model.eval()
+    repeated = [p for p in prompts for _ in range(k)]  # (P*k) prompts, a prompt's k samples next to each other
+    outs = []
+    for i in range(0, len(repeated), rows_per_call):
+        outs += generate(model, repeated[i : i + rows_per_call], max_new_tokens, temperature=temperature,
+                         stop_ids=stop_ids_of(tokenizer), generator=generator)  # fmt: skip
+    model.train(was_training)
+    texts = [tokenizer.decode(o) for o in outs]
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]

@@ -42,7 +42,7 @@ import torch
 
 import distributed
 from config import UserError
-from generation import generate, stop_ids_of
+from generation import sample_answers
 from shards import ExampleSampler
 from tasks import exact_match, load_jsonl
 
@@ -139,22 +139,6 @@ def build_pair(samples: list[str], answer: str) -> tuple[str, str] | None:
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
-                   generator: torch.Generator, rows_per_call: int = 256) -> list[list[str]]:  # fmt: skip
-    """k answer texts per prompt (chat prompts ending in <|assistant|>), sampled with the KV cache in batched
-    generate calls of at most rows_per_call rows; each stops at <|end|> or EOS. Eval mode: no dropout."""
-    was_training = model.training
-    model.eval()
-    repeated = [p for p in prompts for _ in range(k)]  # (P*k) prompts, a prompt's k samples next to each other
-    outs = []
-    for i in range(0, len(repeated), rows_per_call):
-        outs += generate(model, repeated[i : i + rows_per_call], max_new_tokens, temperature=temperature,
-                         stop_ids=stop_ids_of(tokenizer), generator=generator)  # fmt: skip
-    model.train(was_training)
-    texts = [tokenizer.decode(o) for o in outs]
-    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
-
-
 class OnPolicyPairs:
     """The current round's pairs and the sampler over them, for train_dpo's loop.
 
