@@ -5,6 +5,7 @@
     python eval.py compare=out/pretrain,out/sft,out/dpo              # side-by-side table: base -> SFT -> DPO
     python eval.py compare=out/pretrain,out/sft,out/dpo plot=out/summary.png   # ... and the summary figure
     python eval.py compare=out/pretrain,out/sft,out/dpo save=out/eval.json     # ... and the JSON in a file
+    python eval.py compare=out/sft,out/dpo/merged data= choices= samples=16    # + pass@1, pass@16, maj@16
     python eval.py --help
 
 What is measured (each part is skipped when its input is set to ""):
@@ -20,6 +21,11 @@ What is measured (each part is skipped when its input is set to ""):
 - Exact match on the built-in held-out tasks (`tasks`, rows {"prompt", "answer"}): greedy decoding of
   a one-turn chat (`generation.chat_answers`), scored by tasks.exact_match (`tasks.task_accuracy`); the SFT/DPO/GRPO
   loops log the same pair.
+  With samples=N, N answers per task are also sampled at `temperature` (generation.sample_answers) and scored
+  (tasks.sampled_accuracy): task_pass@1 = expected accuracy of one sample; task_pass@N = share of tasks with a
+  right answer among the N (Chen et al. 2021's unbiased estimator); task_maj@N = accuracy of the majority answer
+  (self-consistency, Wang et al. 2022). Greedy task_acc near maj@N means the model's most frequent answer is
+  already the one it gives; pass@N - task_acc is the room a method that only reweights its own answers has.
 - Multiple choice (`choices`, rows {"context", "choices", "label"} as in HellaSwag / ARC; tasks.py
   writes choice_test.jsonl): each choice is scored by the log-likelihood of its tokens given the
   context, sum over the choice's tokens of log p(token | everything before it). The choice is appended
@@ -62,9 +68,9 @@ import torch
 import vlm
 from config import UserError, run_cli
 from finetune import collate
-from generation import chat_answers, load_for_inference
+from generation import chat_answers, load_for_inference, sample_answers
 from shards import read_shard
-from tasks import load_jsonl, task_accuracy
+from tasks import load_jsonl, sampled_accuracy, task_accuracy
 
 # ----------------------------------------------------------------------------- loss over token sequences
 
@@ -233,6 +239,9 @@ class EvalConfig:
     limit: int = 0  # use only the first N task and choice rows (0 = all)
     vqa: str = ""  # VLM checkpoints: VQA exact match on builtin | a vlm_data.py folder | a LLaVA json with answers
     max_new_tokens: int = 24  # generation budget per task answer
+    samples: int = 0  # also sample this many answers per task: pass@1, pass@N, maj@N beside greedy (0 = greedy only)
+    temperature: float = 0.7  # sampling temperature for samples= (top-p 1, no top-k)
+    seed: int = 0  # seed of the samples= generator: the same seed, the same samples
     batch_size: int = 8  # sequences per forward
     plot: str = ""  # with compare=: also draw accuracy by stage and family and val loss by stage into this PNG
     save: str = ""  # also write the metrics JSON (the last line printed) to this .json file; "" = print only
@@ -255,6 +264,8 @@ class EvalConfig:
             errors.append("seq_len, max_tokens and limit must be >= 0")
         if self.batch_size <= 0 or self.max_new_tokens <= 0:
             errors.append("batch_size and max_new_tokens must be > 0")
+        if self.samples < 0 or (self.samples and self.temperature <= 0):
+            errors.append("samples must be >= 0, and temperature > 0 when samples > 0 (greedy is task_acc)")
         if self.plot and not self.plot.endswith(".png"):
             errors.append(f"plot: '{self.plot}' must be a .png path")
         if self.save and not self.save.endswith(".json"):
@@ -291,6 +302,8 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
         answers = chat_answers(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, 4 * cfg.batch_size)
         acc = task_accuracy(rows, answers)
         metrics |= {"task_acc": acc["accuracy"], "task_n": acc["n"], "task_by_family": acc["by_family"]}
+        if cfg.samples:
+            metrics |= sampled_metrics(model, tokenizer, rows, cfg)
     if cfg.choices:
         rows = _load(cfg.choices, {"context": str, "choices": list, "label": int})[: cfg.limit or None]
         metrics |= {f"choice_{k}": v for k, v in choice_accuracy(model, tokenizer, rows, 2 * cfg.batch_size).items()}
@@ -299,6 +312,21 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
             metrics["choice_chat_acc"] = chat["acc"]
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     return metrics
+
+
+def sampled_metrics(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> dict:
+    """task_pass@1, task_pass@N and task_maj@N from N = cfg.samples answers per task at cfg.temperature
+    (tasks.sampled_accuracy says what each means). Greedy task_acc against maj@N tells whether the model's most
+    frequent answer is already its greedy one; pass@N how many tasks have a right answer among its samples at all."""
+    prompts = [tokenizer.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
+               for r in rows]  # fmt: skip
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    samples = sample_answers(model, tokenizer, prompts, cfg.samples, cfg.max_new_tokens, cfg.temperature, generator,
+                             rows_per_call=16 * cfg.batch_size)  # fmt: skip
+    ks = sorted({1, cfg.samples})
+    scores = sampled_accuracy(rows, samples, ks)
+    return {f"task_{key}": scores[key] for key in [f"pass@{k}" for k in ks] + [f"maj@{cfg.samples}"]} | {
+        "task_samples": cfg.samples, "task_temperature": cfg.temperature}  # fmt: skip
 
 
 TABLE_ROWS = (
@@ -323,6 +351,10 @@ def format_table(results: list[dict]) -> str:
     families = sorted({f for r in results for f in r.get("task_by_family", {})})
     rows = [(k, lambda r, k=k: r.get(k)) for k in TABLE_ROWS]
     rows[4:4] = [(f"task_acc/{f}", lambda r, f=f: r.get("task_by_family", {}).get(f)) for f in families]
+    sampled = sorted({k for r in results for k in r if k.startswith(("task_pass@", "task_maj@"))},
+                     key=lambda k: (k.startswith("task_maj@"), int(k.split("@")[1])))  # fmt: skip
+    at = 4 + len(families)  # after the greedy task rows: pass@1, pass@N, maj@N
+    rows[at:at] = [(k, lambda r, k=k: r.get(k)) for k in sampled]
     for label, get in rows:
         values = [get(r) for r in results]
         if all(v is None for v in values):

@@ -189,6 +189,30 @@ def test_task_accuracy_counts_greedy_answers(ckpt):
     assert got == {"accuracy": 0.5, "by_family": {"easy": 0.5, "hard": 0.5}, "n": 4}
 
 
+def test_sampled_answers_at_a_tiny_temperature_are_the_greedy_ones(ckpt, tmp_path, capsys):
+    """samples= through the CLI: at temperature 1e-4 the softmax puts all its mass on the argmax token unless two
+    logits lie within ~1e-3 of each other, so pass@1, pass@N and maj@N all equal the greedy accuracy that
+    chat_answers' separate decode gives, 0.5 by construction of the rows."""
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
+    prompts = ["1 + 1 = ?", "len('ab') = ?", "max(3, 4) = ?", "'a'.upper() = ?"]
+    greedy = generation.chat_answers(model, tok, prompts, 8)
+    rows = [
+        {"prompt": p, "answer": g if i % 2 else g + "!"} for i, (p, g) in enumerate(zip(prompts, greedy, strict=True))
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [f"checkpoint={ckpt}", "data=", "choices=", f"tasks={path}", "max_new_tokens=8", "samples=3",
+            "temperature=1e-4"]  # fmt: skip
+    got = json.loads(run_eval(argv, capsys).strip().splitlines()[-1])
+    assert got["task_acc"] == 0.5
+    assert (got["task_pass@1"], got["task_pass@3"], got["task_maj@3"]) == (0.5, 0.5, 0.5)
+    # at the default temperature: one seed, the same samples and scores
+    hot = [f"checkpoint={ckpt}", "data=", "choices=", f"tasks={path}", "max_new_tokens=8", "samples=3", "seed=5"]
+    first, second = (json.loads(run_eval(hot, capsys).strip().splitlines()[-1]) for _ in range(2))
+    first.pop("seconds"), second.pop("seconds")
+    assert first == second
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -311,6 +335,7 @@ def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path, tiny_data_dir, capsys):
         [f"checkpoint={ckpt}", f"data={bad_shards}", "tasks=", "choices="],  # truncated shard
         [f"checkpoint={ckpt}", "data=", f"tasks={tiny_data_dir}/sft_train.jsonl", "choices="],  # wrong keys
         [f"checkpoint={ckpt}", "data=", "tasks=", "choices=", f"save={tmp_path / 'eval.txt'}"],  # not .json
+        [f"checkpoint={ckpt}", "data=", "choices=", "samples=4", "temperature=0"],  # sampling needs T > 0
     ]
     for argv in cases:
         with pytest.raises(SystemExit) as e:
