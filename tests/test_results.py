@@ -8,7 +8,8 @@ names docs/results/demo.json and the key `pretrain.first_val_loss` in it (dots g
 a slash, like task_acc/easy, is one key). The shown number must equal the file's value rounded to the digits shown (0.207 for 0.20666...; `3,675,410` for
 an integer; a trailing k or M means thousands or millions: `3.68M` for 3,675,410). A fenced eval table preceded
 by the line `<!-- results table: demo eval -->` must be exactly what eval.format_table prints
-for the file's eval entries. The English and Chinese twins carry the same markers, in the same order.
+for the file's eval entries (a dict of entries, or the list that `eval.py compare=... save=` writes under
+"compare", as docs/results/sampling.json holds). The English and Chinese twins carry the same markers, in the same order.
 docs/make_results.py (`make results`) writes docs/results/demo.json from one `make demo` run's out/ directory.
 
 The checker is tested on scratch text: a wrong digit, a key that does not exist, a marker with no number and an
@@ -94,7 +95,8 @@ def check(text: str, load) -> list[str]:
         m = TABLE.match(lines[block["start"] - 2].strip()) if block["start"] > 1 else None
         if not m:
             continue
-        want = ev.format_table(list(lookup(load(m.group(1)), m.group(2)).values())).split("\n")
+        entries = lookup(load(m.group(1)), m.group(2))  # demo.json's eval: {stage: metrics}; eval.py save=: [metrics]
+        want = ev.format_table(list(entries.values()) if isinstance(entries, dict) else entries).split("\n")
         have = [line.rstrip() for line in block["lines"]]
         if have != want:
             problems.append(f"line {block['start']}: the table is not what {m.group(1)} {m.group(2)} prints:\n"
@@ -111,7 +113,7 @@ def _read(path: str) -> str:
 
 
 def _load(name: str) -> dict:
-    """The results file a marker names: `demo` is docs/results/demo.json."""
+    """The results file a marker names: `demo` is docs/results/demo.json, `sampling` docs/results/sampling.json."""
     return json.loads(_read(os.path.join(ROOT, "docs", "results", f"{name}.json")))
 
 
@@ -179,6 +181,11 @@ def test_checker_accepts_right_numbers_and_rejects_wrong_ones():
     assert check(SCRATCH.replace("3.76<", "about <"), load)  # a marker with nothing to check
     assert check(SCRATCH.replace("3.7587", "3.7588"), load)  # an edited table cell
     assert check(SCRATCH.replace("```text", "text\n```text"), load)  # a table marker not followed by the fence
+    # eval.py save= files hold a list of entries under "compare": the same table from it
+    saved = {"s": {"compare": [RESULTS["eval"]["base"]]}}.__getitem__
+    listed = SCRATCH[SCRATCH.index("<!-- results table") :].replace("table: r eval", "table: s compare")
+    assert check(listed, saved) == []
+    assert check(listed.replace("3.7587", "3.7588"), saved)
 
 
 def test_a_wrong_number_in_a_copy_of_the_readme_fails():
