@@ -48,12 +48,16 @@ SCALE = {"": 1.0, "k": 1e3, "M": 1e6}
 
 
 def lookup(data: dict, key: str):
-    """data['eval']['sft']['task_acc'] for 'eval.sft.task_acc'; KeyError names the missing part."""
+    """data['eval']['sft']['task_acc'] for 'eval.sft.task_acc'; a number indexes a list ('compare.0.task_acc' in
+    an eval.py save= file); KeyError names the missing part."""
     value = data
     for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             raise KeyError(f"no '{part}' in {key}")
-        value = value[part]
     return value
 
 
@@ -186,6 +190,8 @@ def test_checker_accepts_right_numbers_and_rejects_wrong_ones():
     listed = SCRATCH[SCRATCH.index("<!-- results table") :].replace("table: r eval", "table: s compare")
     assert check(listed, saved) == []
     assert check(listed.replace("3.7587", "3.7588"), saved)
+    assert check("3.76<!-- result: s compare.0.val_loss -->", saved) == []
+    assert check("3.76<!-- result: s compare.1.val_loss -->", saved)  # past the end of the list
 
 
 def test_a_wrong_number_in_a_copy_of_the_readme_fails():
