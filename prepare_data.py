@@ -92,6 +92,9 @@ class DataConfig:
     shard_tokens: int = 100_000_000  # tokens per shard file
     tasks: bool = True  # also write the built-in SFT/DPO/test tasks (tasks.py) into out_dir
     sft_rows: int = 3000  # built-in SFT training chats (distinct expressions; the 300 test rows never change)
+    test_extra_rows: int = (
+        0  # more held-out tasks in test_extra.jsonl, disjoint from test.jsonl's (no other row changes)
+    )
 
     def validate(self) -> list[str]:
         checks = [
@@ -104,6 +107,7 @@ class DataConfig:
             (self.tokenizer_train_mb > 0, f"tokenizer_train_mb must be > 0, got {self.tokenizer_train_mb}"),
             (self.num_proc >= 1, f"num_proc must be >= 1, got {self.num_proc}"),
             (self.sft_rows >= 3, f"sft_rows must be >= 3 (one per family), got {self.sft_rows}"),
+            (self.test_extra_rows >= 0, f"test_extra_rows must be >= 0, got {self.test_extra_rows}"),
             (self.shard_tokens >= 1024, f"shard_tokens must be >= 1024, got {self.shard_tokens}"),
             (self.vocab_size >= 512, f"vocab_size must be >= 512 (bytes + specials), got {self.vocab_size}"),
             (self.model_type in ("bpe", "unigram"), f"model_type must be bpe or unigram, got {self.model_type!r}"),
@@ -435,7 +439,7 @@ def _build(cfg: DataConfig, out: str) -> dict:
 
     # ---- built-in tasks (tasks.py) ----
     if cfg.tasks:
-        tasks.write_tasks(out, n_train=cfg.sft_rows)
+        tasks.write_tasks(out, n_train=cfg.sft_rows, n_test_extra=cfg.test_extra_rows)
         print("wrote the built-in SFT/DPO/test tasks")
 
     meta = {

@@ -372,11 +372,15 @@ def _split_sizes(n: int) -> dict[str, int]:
     return {f: n // len(FAMILIES) + (i < n % len(FAMILIES)) for i, f in enumerate(FAMILIES)}
 
 
-def make_tasks(seed: int = 0, n_train: int = 3000, n_test: int = 300, n_dpo: int = 1500) -> dict[str, list[dict]]:
-    """{"sft_train", "sft_test", "dpo_train", "test"}: lists of JSON-ready rows, deterministic in `seed`.
+def make_tasks(seed: int = 0, n_train: int = 3000, n_test: int = 300, n_dpo: int = 1500,
+               n_test_extra: int = 0) -> dict[str, list[dict]]:  # fmt: skip
+    """{"sft_train", "sft_test", "dpo_train", "test"} (and "test_extra" when n_test_extra > 0): lists of
+    JSON-ready rows, deterministic in `seed`.
 
     sft_test holds the same held-out prompts as test, as chat rows (for a validation loss). SFT and DPO
-    training prompts are disjoint from each other and, by construction, from every test prompt.
+    training prompts are disjoint from each other and, by construction, from every test prompt. test_extra holds
+    more held-out prompts, disjoint from test's: 300 tasks tell accuracies apart only to about +-3 points (one
+    standard error at 0.5 is 2.9), too coarse for a stage that adds a few; 2,000 bring it to about +-1.1.
     """
     rng = random.Random(seed)
     seen: set[str] = set()  # canonical keys already used, across all splits and families
@@ -389,7 +393,11 @@ def make_tasks(seed: int = 0, n_train: int = 3000, n_test: int = 300, n_dpo: int
         test += [_draw(frng, family, seen, heldout=True) for _ in range(_split_sizes(n_test)[family])]
         dpo += [_draw(frng, family, seen, heldout=False) for _ in range(_split_sizes(n_dpo)[family])]
         sft += [_draw(frng, family, seen, heldout=False) for _ in range(_split_sizes(n_train)[family])]
-    for name, rows in (("sft", sft), ("dpo", dpo), ("test", test)):
+    extra = []  # drawn after every other split, from streams of their own: asking for them changes no other row
+    for family in FAMILIES:
+        erng = random.Random(f"{seed}/extra/{family}")
+        extra += [_draw(erng, family, seen, heldout=True) for _ in range(_split_sizes(n_test_extra)[family])]
+    for name, rows in (("sft", sft), ("dpo", dpo), ("test", test), ("extra", extra)):
         # Mix the families within each file, each split with its own stream: the test file is then the same
         # file, in the same order, whatever n_train and n_dpo are.
         random.Random(f"{seed}/order/{name}").shuffle(rows)
@@ -402,12 +410,16 @@ def make_tasks(seed: int = 0, n_train: int = 3000, n_test: int = 300, n_dpo: int
         wrong = rng.choice(t["wrong"]) if t["wrong"] else _perturb(t["value"], rng)
         return {"prompt": t["prompt"], "chosen": t["answer"], "rejected": repr(wrong), "family": t["family"]}
 
-    return {
+    def question(t):
+        return {"prompt": t["prompt"], "answer": t["answer"], "family": t["family"]}
+
+    splits = {
         "sft_train": [chat(t) for t in sft],
         "sft_test": [chat(t) for t in test],
         "dpo_train": [pair(t) for t in dpo],
-        "test": [{"prompt": t["prompt"], "answer": t["answer"], "family": t["family"]} for t in test],
+        "test": [question(t) for t in test],
     }
+    return splits | ({"test_extra": [question(t) for t in extra]} if n_test_extra else {})
 
 
 def make_choice_examples(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
@@ -517,10 +529,11 @@ def _write_jsonl(rows: list[dict], path: str) -> None:
 
 
 def write_tasks(out_dir: str, seed: int = 0, n_train: int = 3000, n_test: int = 300, n_dpo: int = 1500,
-                n_choice: int = 200) -> dict:  # fmt: skip
-    """Write sft_train/sft_test/dpo_train/test/choice_test .jsonl and tasks_meta.json; return the meta dict."""
+                n_choice: int = 200, n_test_extra: int = 0) -> dict:  # fmt: skip
+    """Write sft_train/sft_test/dpo_train/test/choice_test (and test_extra) .jsonl and tasks_meta.json; return
+    the meta dict."""
     os.makedirs(out_dir, exist_ok=True)
-    splits = make_tasks(seed=seed, n_train=n_train, n_test=n_test, n_dpo=n_dpo)
+    splits = make_tasks(seed=seed, n_train=n_train, n_test=n_test, n_dpo=n_dpo, n_test_extra=n_test_extra)
     splits["choice_test"] = make_choice_examples(n_choice, seed=seed)
     for name, rows in splits.items():
         _write_jsonl(rows, os.path.join(out_dir, f"{name}.jsonl"))
@@ -601,14 +614,16 @@ class TasksConfig:
     n_dpo: int = 1500  # DPO (prompt, chosen, rejected) pairs, prompts disjoint from SFT and test
     n_test: int = 300  # held-out test prompts with answers (also written as sft_test.jsonl chat rows)
     n_choice: int = 200  # held-out multiple-choice rows for eval.py
+    n_test_extra: int = 0  # more held-out test prompts (test_extra.jsonl), disjoint from test's; other files unchanged
 
     def validate(self) -> list[str]:
-        return [f"{k} must be >= 0" for k in ("n_train", "n_dpo", "n_test", "n_choice") if getattr(self, k) < 0]
+        keys = ("n_train", "n_dpo", "n_test", "n_choice", "n_test_extra")
+        return [f"{k} must be >= 0" for k in keys if getattr(self, k) < 0]
 
 
 def main(cfg: TasksConfig) -> dict:
     try:
-        meta = write_tasks(cfg.out_dir, cfg.seed, cfg.n_train, cfg.n_test, cfg.n_dpo, cfg.n_choice)
+        meta = write_tasks(cfg.out_dir, cfg.seed, cfg.n_train, cfg.n_test, cfg.n_dpo, cfg.n_choice, cfg.n_test_extra)
     except ValueError as e:  # e.g. more rows asked for than a family has distinct tasks
         raise UserError(str(e)) from None
     for name, counts in meta["counts"].items():

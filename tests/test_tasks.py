@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -129,6 +130,21 @@ def test_a_larger_sft_split_leaves_the_test_and_dpo_rows_as_they_were():
     assert big["dpo_train"] == small["dpo_train"]
     prompts = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
     assert prompts(small["sft_train"]) < prompts(big["sft_train"])
+
+
+def test_extra_test_rows_are_held_out_new_and_change_nothing_else():
+    """test_extra: more prompts from the test side, none of them in test.jsonl; every other file is as before."""
+    plain = tasks.make_tasks(seed=0, **SIZES)
+    more = tasks.make_tasks(seed=0, **SIZES, n_test_extra=90)
+    assert "test_extra" not in plain and {k: more[k] for k in plain} == plain
+    extra = more["test_extra"]
+    assert Counter(r["family"] for r in extra) == dict.fromkeys(tasks.FAMILIES, 30)
+    keys = [norm_key(expr_of(r["prompt"])) for r in extra]
+    assert len(set(keys)) == 90 and not set(keys) & {norm_key(expr_of(r["prompt"])) for r in plain["test"]}
+    assert all(tasks.is_heldout(expr_of(r["prompt"])) for r in extra)
+    assert not set(keys) & {norm_key(expr_of(p)) for p in train_prompts(plain)}
+    for row in extra:  # the answer is what a fresh evaluation of the expression gives
+        assert row["answer"] == repr(ast.literal_eval(row["answer"])) == repr(tasks.safe_eval(expr_of(row["prompt"])))
 
 
 def test_deterministic_by_seed(tmp_path):
@@ -281,15 +297,16 @@ def test_load_jsonl_file_level_errors(tmp_path):
 
 
 def test_written_files_load_back(tmp_path):
-    meta = tasks.write_tasks(str(tmp_path), seed=0, n_train=30, n_test=15, n_dpo=15, n_choice=9)
+    meta = tasks.write_tasks(str(tmp_path), seed=0, n_train=30, n_test=15, n_dpo=15, n_choice=9, n_test_extra=6)
     schema = {"sft_train": tasks.SFT_KEYS, "sft_test": tasks.SFT_KEYS, "dpo_train": tasks.DPO_KEYS,
-              "test": tasks.TEST_KEYS, "choice_test": tasks.CHOICE_KEYS}  # fmt: skip
+              "test": tasks.TEST_KEYS, "test_extra": tasks.TEST_KEYS, "choice_test": tasks.CHOICE_KEYS}  # fmt: skip
     on_disk = json.loads((tmp_path / "tasks_meta.json").read_text())
     assert on_disk == meta and on_disk["seed"] == 0
     for name, keys in schema.items():
         rows = tasks.load_jsonl(str(tmp_path / f"{name}.jsonl"), keys)
         assert sum(meta["counts"][name].values()) == len(rows)
     assert meta["counts"]["test"] == {"easy": 5, "hard": 5, "medium": 5}
+    assert meta["counts"]["test_extra"] == {"easy": 2, "hard": 2, "medium": 2}
 
 
 def test_cli(tmp_path):
