@@ -18,7 +18,8 @@ What is measured (each part is skipped when its input is set to ""):
   fairly (Gao et al. 2020, "The Pile", section 4). For text files the bytes are counted exactly
   (each document is BOS + its tokens; every text token is predicted); for shards the byte count is
   the predicted tokens times meta.json's val text_bytes / tokens.
-- Exact match on the built-in held-out tasks (`tasks`, rows {"prompt", "answer"}): greedy decoding of
+- Exact match on the built-in held-out tasks (`tasks`, rows {"prompt", "answer"}; DPO pairs {"prompt", "chosen"}
+  count the chosen answer as right, to score the prompts DPO and GRPO trained on): greedy decoding of
   a one-turn chat (`generation.chat_answers`), scored by tasks.exact_match (`tasks.task_accuracy`); the SFT/DPO/GRPO
   loops log the same pair.
   With samples=N, N answers per task are also sampled at `temperature` (generation.sample_answers) and scored
@@ -232,7 +233,7 @@ class EvalConfig:
     checkpoint: str = "out/pretrain"  # checkpoint dir (ours, a LoRA adapter, HF Llama/Mixtral) or hf:ORG/NAME
     compare: list[str] = field(default_factory=list)  # several checkpoints side by side, e.g. compare=base,sft,dpo
     data: str = "data/builtin"  # LM loss: a prepared data dir (val shards) or text files (glob, comma list); "" = skip
-    tasks: str = "data/builtin/test.jsonl"  # exact-match tasks {"prompt","answer"} (greedy chat); "" = skip
+    tasks: str = "data/builtin/test.jsonl"  # exact match on {"prompt","answer"} or {"prompt","chosen"} rows; "" = skip
     choices: str = "data/builtin/choice_test.jsonl"  # multiple choice {"context","choices","label"}; "" = skip
     seq_len: int = 0  # window for the LM loss; 0 = the model's context length
     max_tokens: int = 0  # stop the LM loss after this many predicted tokens (0 = all)
@@ -283,6 +284,16 @@ def _load(path: str, keys) -> list[dict]:
         raise UserError(str(e)) from None
 
 
+def task_row(row: dict, path: str, n: int) -> dict:
+    """A task row {"prompt", "answer"}; a DPO pair {"prompt", "chosen"} counts its chosen answer as the right one (as
+    train_grpo.py reads it: true of the built-in pairs), so eval.py can score a model on the prompts DPO and GRPO
+    trained on, beside the held-out ones."""
+    answer = row.get("answer", row.get("chosen"))
+    if not isinstance(answer, str):
+        raise UserError(f"{path} row {n}: needs an 'answer' string (or a DPO pair's 'chosen')")
+    return row | {"answer": answer}
+
+
 def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
     """Every metric the config asks for, on one checkpoint: a flat dict (by_family nested)."""
     t0 = time.perf_counter()
@@ -298,7 +309,8 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
         else:
             metrics |= text_loss(model, tokenizer, cfg.data, seq_len, cfg.batch_size, cfg.max_tokens)
     if cfg.tasks:
-        rows = _load(cfg.tasks, {"prompt": str, "answer": str})[: cfg.limit or None]
+        rows = [task_row(r, cfg.tasks, n) for n, r in enumerate(_load(cfg.tasks, {"prompt": str}), start=1)]
+        rows = rows[: cfg.limit or None]
         answers = chat_answers(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, 4 * cfg.batch_size)
         acc = task_accuracy(rows, answers)
         metrics |= {"task_acc": acc["accuracy"], "task_n": acc["n"], "task_by_family": acc["by_family"]}

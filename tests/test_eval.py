@@ -213,6 +213,25 @@ def test_sampled_answers_at_a_tiny_temperature_are_the_greedy_ones(ckpt, tmp_pat
     assert first == second
 
 
+def test_dpo_pairs_score_their_chosen_answer(ckpt, tmp_path, capsys):
+    """tasks= on preference pairs: the same accuracy as on {"prompt", "answer"} rows holding the chosen answers."""
+    model, tok = generation.load_for_inference(ckpt, device="cpu")
+    prompts = ["1 + 1 = ?", "len('ab') = ?", "max(3, 4) = ?"]
+    greedy = generation.chat_answers(model, tok, prompts, 8)
+    right = [g if i != 1 else g + "!" for i, g in enumerate(greedy)]  # 2 of 3 match what the model says
+    pairs, plain = tmp_path / "pairs.jsonl", tmp_path / "plain.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": c + "?"}) + "\n"
+                             for p, c in zip(prompts, right, strict=True)))  # fmt: skip
+    plain.write_text(
+        "".join(json.dumps({"prompt": p, "answer": c}) + "\n" for p, c in zip(prompts, right, strict=True))
+    )
+    scores = []
+    for path in (pairs, plain):
+        argv = [f"checkpoint={ckpt}", "data=", "choices=", f"tasks={path}", "max_new_tokens=8"]
+        scores.append(json.loads(run_eval(argv, capsys).strip().splitlines()[-1])["task_acc"])
+    assert scores == [pytest.approx(2 / 3), pytest.approx(2 / 3)]
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -336,7 +355,14 @@ def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path, tiny_data_dir, capsys):
         [f"checkpoint={ckpt}", "data=", f"tasks={tiny_data_dir}/sft_train.jsonl", "choices="],  # wrong keys
         [f"checkpoint={ckpt}", "data=", "tasks=", "choices=", f"save={tmp_path / 'eval.txt'}"],  # not .json
         [f"checkpoint={ckpt}", "data=", "choices=", "samples=4", "temperature=0"],  # sampling needs T > 0
+        [
+            f"checkpoint={ckpt}",
+            "data=",
+            "choices=",
+            f"tasks={tmp_path / 'noanswer.jsonl'}",
+        ],  # neither answer nor chosen
     ]
+    (tmp_path / "noanswer.jsonl").write_text('{"prompt": "1 + 1 = ?"}\n')
     for argv in cases:
         with pytest.raises(SystemExit) as e:
             run_cli(ev.main, ev.EvalConfig, argv=argv, show_config=False)
