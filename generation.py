@@ -340,6 +340,7 @@ def chat_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
     return answers
 
 
+@torch.no_grad()
 def sample_answers(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
                    generator: torch.Generator, rows_per_call: int = 256) -> list[list[str]]:  # fmt: skip
     """k answer texts per prompt (chat prompts ending in <|assistant|>), sampled with the KV cache in batched

@@ -138,7 +138,6 @@ def build_pair(samples: list[str], answer: str) -> tuple[str, str] | None:
     return (right[0] if right else answer), rejected
 
 
-@torch.no_grad()
 class OnPolicyPairs:
     """The current round's pairs and the sampler over them, for train_dpo's loop.
 
