@@ -23,7 +23,7 @@ What is measured (each part is skipped when its input is set to ""):
   a one-turn chat (`generation.chat_answers`), scored by tasks.exact_match (`tasks.task_accuracy`); the SFT/DPO/GRPO
   loops log the same pair.
   With samples=N, N answers per task are also sampled at `temperature` (generation.sample_answers) and scored
-  (tasks.sampled_accuracy): task_pass@1 = expected accuracy of one sample; task_pass@N = share of tasks with a
+  (sampled_accuracy): task_pass@1 = expected accuracy of one sample; task_pass@N = share of tasks with a
   right answer among the N (Chen et al. 2021's unbiased estimator); task_maj@N = accuracy of the majority answer
   (self-consistency, Wang et al. 2022). Greedy task_acc near maj@N means the model's most frequent answer is
   already the one it gives; pass@N - task_acc is the room a method that only reweights its own answers has.
@@ -61,6 +61,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,7 +72,7 @@ from config import UserError, run_cli
 from finetune import collate
 from generation import chat_answers, load_for_inference, sample_answers
 from shards import read_shard
-from tasks import load_jsonl, sampled_accuracy, task_accuracy
+from tasks import exact_match, load_jsonl, task_accuracy
 
 # ----------------------------------------------------------------------------- loss over token sequences
 
@@ -225,6 +226,45 @@ def choice_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, ch
     return {k: v / len(rows) for k, v in hits.items()} | {"n": len(rows)}
 
 
+# ----------------------------------------------------------------------------- sampled answers: pass@k, maj@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k answers, drawn without replacement from n samples of which c are right,
+    is right: 1 - C(n-c, k) / C(n, k). Averaged over tasks it is the unbiased pass@k estimator of Chen et al.
+    2021 ("Evaluating Large Language Models Trained on Code", section 2.1). The ratio of binomials is a product
+    of k fractions, exact without huge integers: C(n-c, k) / C(n, k) = prod_{i<k} (n-c-i) / (n-i)."""
+    if not (0 < k <= n and 0 <= c <= n):
+        raise ValueError(f"pass_at_k needs 0 < k <= n and 0 <= c <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # fewer wrong samples than draws: some draw is right
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_answer(answers: list[str]) -> str:
+    """The most frequent answer after stripping whitespace (exact_match's rule); a tie goes to the answer sampled
+    first among the tied (Counter.most_common keeps the order of first appearance)."""
+    return Counter(a.strip() for a in answers).most_common(1)[0][0]
+
+
+def sampled_accuracy(rows: list[dict], samples: list[list[str]], ks=(1,)) -> dict:
+    """What n sampled answers per task (generation.sample_answers) say about a model, beside its greedy accuracy:
+    {"pass@k" for each k in ks, "maj@n", "n": tasks, "samples": n}.
+
+    pass@1 is the expected accuracy of one sampled answer (the mean share of right samples); pass@n the share of
+    tasks with at least one right sample, the most any reranking or RL that only reweights the model's own
+    answers could reach; maj@n the accuracy of the majority vote (self-consistency, Wang et al. 2022), what
+    "sharpening" the distribution onto its most frequent answer gives."""
+    n = len(samples[0]) if samples else 0
+    if any(len(s) != n for s in samples) or not all(0 < k <= n for k in ks):
+        raise ValueError(f"every task needs the same number of samples, at least max(ks) = {max(ks)}")
+    right = [sum(exact_match(a, row["answer"]) for a in s) for row, s in zip(rows, samples, strict=True)]
+    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in right) / max(1, len(rows)) for k in ks}
+    votes = [exact_match(majority_answer(s), row["answer"]) for row, s in zip(rows, samples, strict=True)]
+    out[f"maj@{n}"] = sum(votes) / max(1, len(rows))
+    return out | {"n": len(rows), "samples": n}
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -328,7 +368,7 @@ def evaluate(checkpoint: str, cfg: EvalConfig) -> dict:
 
 def sampled_metrics(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> dict:
     """task_pass@1, task_pass@N and task_maj@N from N = cfg.samples answers per task at cfg.temperature
-    (tasks.sampled_accuracy says what each means). Greedy task_acc against maj@N tells whether the model's most
+    (sampled_accuracy says what each means). Greedy task_acc against maj@N tells whether the model's most
     frequent answer is already its greedy one; pass@N how many tasks have a right answer among its samples at all."""
     prompts = [tokenizer.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
                for r in rows]  # fmt: skip

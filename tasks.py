@@ -46,7 +46,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -550,7 +549,7 @@ def write_tasks(out_dir: str, seed: int = 0, n_train: int = 3000, n_test: int = 
     return meta
 
 
-# ----------------------------------------------------------------------------- task accuracy (greedy and sampled)
+# ----------------------------------------------------------------------------- task accuracy (greedy exact match)
 
 
 @torch.no_grad()
@@ -565,42 +564,6 @@ def task_accuracy(rows: list[dict], answers: list[str]) -> dict:
         by_family[row.get("family", "all")].append(ok)
     acc = sum(correct) / max(1, len(correct))
     return {"accuracy": acc, "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())}, "n": len(correct)}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The chance that at least one of k answers, drawn without replacement from n samples of which c are right,
-    is right: 1 - C(n-c, k) / C(n, k). Averaged over tasks it is the unbiased pass@k estimator of Chen et al.
-    2021 ("Evaluating Large Language Models Trained on Code", section 2.1). The ratio of binomials is a product
-    of k fractions, exact without huge integers: C(n-c, k) / C(n, k) = prod_{i<k} (n-c-i) / (n-i)."""
-    if not (0 < k <= n and 0 <= c <= n):
-        raise ValueError(f"pass_at_k needs 0 < k <= n and 0 <= c <= n, got n={n} c={c} k={k}")
-    if n - c < k:  # fewer wrong samples than draws: some draw is right
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
-def majority_answer(answers: list[str]) -> str:
-    """The most frequent answer after stripping whitespace (exact_match's rule); a tie goes to the answer sampled
-    first among the tied (Counter.most_common keeps the order of first appearance)."""
-    return Counter(a.strip() for a in answers).most_common(1)[0][0]
-
-
-def sampled_accuracy(rows: list[dict], samples: list[list[str]], ks=(1,)) -> dict:
-    """What n sampled answers per task (generation.sample_answers) say about a model, beside its greedy accuracy:
-    {"pass@k" for each k in ks, "maj@n", "n": tasks, "samples": n}.
-
-    pass@1 is the expected accuracy of one sampled answer (the mean share of right samples); pass@n the share of
-    tasks with at least one right sample, the most any reranking or RL that only reweights the model's own
-    answers could reach; maj@n the accuracy of the majority vote (self-consistency, Wang et al. 2022), what
-    "sharpening" the distribution onto its most frequent answer gives."""
-    n = len(samples[0]) if samples else 0
-    if any(len(s) != n for s in samples) or not all(0 < k <= n for k in ks):
-        raise ValueError(f"every task needs the same number of samples, at least max(ks) = {max(ks)}")
-    right = [sum(exact_match(a, row["answer"]) for a in s) for row, s in zip(rows, samples, strict=True)]
-    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in right) / max(1, len(rows)) for k in ks}
-    votes = [exact_match(majority_answer(s), row["answer"]) for row, s in zip(rows, samples, strict=True)]
-    out[f"maj@{n}"] = sum(votes) / max(1, len(rows))
-    return out | {"n": len(rows), "samples": n}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -5,6 +5,7 @@ per byte with the byte count, greedy outputs turned into answers. The CLI runs i
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_eval.py
 """
 
+import itertools
 import json
 import math
 import os
@@ -187,6 +188,39 @@ def test_task_accuracy_counts_greedy_answers(ckpt):
         rows.append({"prompt": p, "answer": said if i % 2 == 0 else said + "!", "family": "easy" if i < 2 else "hard"})
     got = tasks.task_accuracy(rows, generation.chat_answers(model, tok, [r["prompt"] for r in rows], 8, batch_size=3))
     assert got == {"accuracy": 0.5, "by_family": {"easy": 0.5, "hard": 0.5}, "n": 4}
+
+
+def test_pass_at_k_equals_counting_every_draw():
+    """The closed form against brute force: of all C(n, k) ways to draw k of n samples (the first c right),
+    the share that holds a right one."""
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                draws = list(itertools.combinations(range(n), k))
+                share = sum(any(i < c for i in d) for d in draws) / len(draws)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(share, abs=1e-12), (n, c, k)
+    for n, c, k in ((4, 1, 5), (4, 5, 1), (4, 1, 0)):
+        with pytest.raises(ValueError):
+            ev.pass_at_k(n, c, k)
+
+
+def test_sampled_accuracy_by_hand():
+    rows = [{"answer": "3"}, {"answer": "'a'"}, {"answer": "1"}]
+    samples = [
+        ["3", " 3 ", "4", "5"],  # 2 of 4 right (whitespace is stripped); the majority "3" is right
+        ["b", "b", "a", "'a'"],  # 1 of 4 right (quotes matter); the majority "b" is wrong
+        ["2", "1", "1", "2"],  # a 2-2 tie goes to "2", sampled first: wrong
+    ]
+    got = ev.sampled_accuracy(rows, samples, ks=(1, 2, 4))
+    # pass@2 per row = 1 - C(wrong, 2) / C(4, 2): 1 - 1/6, 1 - 3/6, 1 - 1/6
+    want = {"pass@1": (2 / 4 + 1 / 4 + 2 / 4) / 3, "pass@2": (5 / 6 + 3 / 6 + 5 / 6) / 3, "pass@4": 1.0,
+            "maj@4": 1 / 3, "n": 3, "samples": 4}  # fmt: skip
+    assert got == pytest.approx(want)
+    assert ev.majority_answer(["x", " y", "y ", "x"]) == "x"
+    with pytest.raises(ValueError):
+        ev.sampled_accuracy(rows, [["3"], ["a", "b"], ["1"]])  # unequal sample counts
+    with pytest.raises(ValueError):
+        ev.sampled_accuracy(rows, samples, ks=(8,))  # more draws than samples
 
 
 def test_sampled_answers_at_a_tiny_temperature_are_the_greedy_ones(ckpt, tmp_path, capsys):

@@ -5,7 +5,6 @@ a different code path from tasks.safe_eval (no AST whitelist, no restricted glob
 """
 
 import ast
-import itertools
 import json
 import os
 import re
@@ -206,39 +205,6 @@ def test_exact_match():
     assert not tasks.exact_match("6.0", "6")
     assert not tasks.exact_match("6 7", "6")
     assert not tasks.exact_match("", "6")
-
-
-def test_pass_at_k_equals_counting_every_draw():
-    """The closed form against brute force: of all C(n, k) ways to draw k of n samples (the first c right),
-    the share that holds a right one."""
-    for n in range(1, 8):
-        for c in range(n + 1):
-            for k in range(1, n + 1):
-                draws = list(itertools.combinations(range(n), k))
-                share = sum(any(i < c for i in d) for d in draws) / len(draws)
-                assert tasks.pass_at_k(n, c, k) == pytest.approx(share, abs=1e-12), (n, c, k)
-    for n, c, k in ((4, 1, 5), (4, 5, 1), (4, 1, 0)):
-        with pytest.raises(ValueError):
-            tasks.pass_at_k(n, c, k)
-
-
-def test_sampled_accuracy_by_hand():
-    rows = [{"answer": "3"}, {"answer": "'a'"}, {"answer": "1"}]
-    samples = [
-        ["3", " 3 ", "4", "5"],  # 2 of 4 right (whitespace is stripped); the majority "3" is right
-        ["b", "b", "a", "'a'"],  # 1 of 4 right (quotes matter); the majority "b" is wrong
-        ["2", "1", "1", "2"],  # a 2-2 tie goes to "2", sampled first: wrong
-    ]
-    got = tasks.sampled_accuracy(rows, samples, ks=(1, 2, 4))
-    # pass@2 per row = 1 - C(wrong, 2) / C(4, 2): 1 - 1/6, 1 - 3/6, 1 - 1/6
-    want = {"pass@1": (2 / 4 + 1 / 4 + 2 / 4) / 3, "pass@2": (5 / 6 + 3 / 6 + 5 / 6) / 3, "pass@4": 1.0,
-            "maj@4": 1 / 3, "n": 3, "samples": 4}  # fmt: skip
-    assert got == pytest.approx(want)
-    assert tasks.majority_answer(["x", " y", "y ", "x"]) == "x"
-    with pytest.raises(ValueError):
-        tasks.sampled_accuracy(rows, [["3"], ["a", "b"], ["1"]])  # unequal sample counts
-    with pytest.raises(ValueError):
-        tasks.sampled_accuracy(rows, samples, ks=(8,))  # more draws than samples
 
 
 @pytest.mark.parametrize(
