@@ -307,6 +307,8 @@ class EvalConfig:
             errors.append("batch_size and max_new_tokens must be > 0")
         if self.samples < 0 or (self.samples and self.temperature <= 0):
             errors.append("samples must be >= 0, and temperature > 0 when samples > 0 (greedy is task_acc)")
+        if self.samples and not self.tasks:
+            errors.append("samples= samples answers to tasks=: set tasks= to a task file")
         if self.plot and not self.plot.endswith(".png"):
             errors.append(f"plot: '{self.plot}' must be a .png path")
         if self.save and not self.save.endswith(".json"):

@@ -92,9 +92,7 @@ class DataConfig:
     shard_tokens: int = 100_000_000  # tokens per shard file
     tasks: bool = True  # also write the built-in SFT/DPO/test tasks (tasks.py) into out_dir
     sft_rows: int = 3000  # built-in SFT training chats (distinct expressions; the 300 test rows never change)
-    test_extra_rows: int = (
-        0  # more held-out tasks in test_extra.jsonl, disjoint from test.jsonl's (no other row changes)
-    )
+    test_extra_rows: int = 0  # held-out tasks in test_extra.jsonl besides test.jsonl's (no other row changes)
 
     def validate(self) -> list[str]:
         checks = [

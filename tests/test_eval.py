@@ -245,6 +245,8 @@ def test_sampled_answers_at_a_tiny_temperature_are_the_greedy_ones(ckpt, tmp_pat
     first, second = (json.loads(run_eval(hot, capsys).strip().splitlines()[-1]) for _ in range(2))
     first.pop("seconds"), second.pop("seconds")
     assert first == second
+    # ... and they are samples: the random micro model almost never says its own greedy answer again at T 0.7
+    assert first["task_pass@1"] < got["task_pass@1"]
 
 
 def test_dpo_pairs_score_their_chosen_answer(ckpt, tmp_path, capsys):
@@ -389,6 +391,7 @@ def test_bad_inputs_exit_2_with_one_line(ckpt, tmp_path, tiny_data_dir, capsys):
         [f"checkpoint={ckpt}", "data=", f"tasks={tiny_data_dir}/sft_train.jsonl", "choices="],  # wrong keys
         [f"checkpoint={ckpt}", "data=", "tasks=", "choices=", f"save={tmp_path / 'eval.txt'}"],  # not .json
         [f"checkpoint={ckpt}", "data=", "choices=", "samples=4", "temperature=0"],  # sampling needs T > 0
+        [f"checkpoint={ckpt}", "data=", "tasks=", "choices=", "samples=4"],  # samples of what?
         [
             f"checkpoint={ckpt}",
             "data=",
