@@ -51,16 +51,18 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024: steepest slop
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where a bf16 matmul runs on native kernels, else float32.
 
-    GPUs since Ampere (compute capability 8) have them; older ones only emulate bf16. On a CPU, torch's bf16 matmul goes through oneDNN,
-    which needs AVX-512 (or Arm's bf16 instructions); without it torch falls back to a scalar loop. Measured on a
-    2-core AMD EPYC with AVX2 only: a 256x1024 @ 1024x256 product at 1.1 GFLOP/s in bf16 vs 116 in fp32, which made
-    the demo's pretraining 4x slower (546 vs 2,210 tokens/s). float32 there is both faster and more precise.
+    GPUs since Ampere (compute capability 8) have them; older ones only emulate bf16. On an x86 CPU, native means
+    the AVX512_BF16 or AMX-BF16 instructions. Without them oneDNN converts to float32 and back around every
+    product (AVX-512 without bf16), or torch falls back to a scalar loop (AVX2 only). Measured, a 256x1024 @
+    1024x256 product, 1 thread: 2-core AMD EPYC with AVX2 only, 1.1 GFLOP/s in bf16 vs 116 in fp32 (the demo's
+    pretraining ran 4x slower: 546 vs 2,210 tokens/s); 2-core Intel Xeon with AVX-512 but no AVX512_BF16, 17 vs 95.
+    float32 there is both faster and more precise. Other CPUs (Arm) also get float32: the safe side.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32  # Ampere+
     if device.type == "cpu":
-        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # what torch's own tests ask
-        return torch.bfloat16 if supported is not None and supported() else torch.float32
+        caps = torch.cpu.get_capabilities()  # what torch's CPU dispatch detected: {"avx512_bf16": True, ...}
+        return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else torch.float32
     return torch.float32
 
 

@@ -109,12 +109,19 @@ def test_muon_refuses_non_matrices():
 
 
 def test_newton_schulz_runs_in_bf16_only_where_the_cpu_has_native_kernels(monkeypatch):
-    """Default Muon: bf16 Newton-Schulz where oneDNN has bf16 kernels, fp32 where torch would fall back to a scalar
-    loop (100x slower on an AVX2-only CPU). The update computed either way is the one of that explicit dtype."""
+    """Default Muon: bf16 Newton-Schulz where the CPU has bf16 instructions, fp32 where oneDNN would emulate them
+    (5x slower on an AVX-512 CPU without AVX512_BF16) or torch fall back to a scalar loop (100x slower on an
+    AVX2-only CPU). The update computed either way is the one of that explicit dtype."""
     params, grads = fixed_tensors(SHAPES, seed=4)
-    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native, raising=False)
-        assert newton_schulz_dtype(torch.device("cpu")) == want
+    cpus = (
+        ({"avx512_f": True, "avx512_bf16": True}, torch.bfloat16),  # e.g. AMD Zen 4/5, Intel Cooper Lake
+        ({"avx512_f": True, "amx_bf16": True}, torch.bfloat16),  # Intel Sapphire Rapids and later
+        ({"avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, torch.float32),  # Intel Skylake-Ice Lake
+        ({"avx2": True}, torch.float32),  # AVX2 only
+    )
+    for caps, want in cpus:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert newton_schulz_dtype(torch.device("cpu")) == want, caps
         auto = run(lambda ps: Muon([{"params": ps, "muon": True}], lr=0.02), params, grads)
         explicit = run(lambda ps, d=want: Muon([{"params": ps, "muon": True}], lr=0.02, ns_dtype=d), params, grads)
         other = run(lambda ps, d=want: Muon([{"params": ps, "muon": True}], lr=0.02,
