@@ -110,7 +110,7 @@ def test_muon_refuses_non_matrices():
 
 def test_newton_schulz_runs_in_bf16_only_where_the_cpu_has_native_kernels(monkeypatch):
     """Default Muon: bf16 Newton-Schulz where the CPU has bf16 instructions, fp32 where oneDNN would emulate them
-    (5x slower on an AVX-512 CPU without AVX512_BF16) or torch fall back to a scalar loop (100x slower on an
+    (3.6x slower on an AVX-512 CPU without AVX512_BF16) or torch fall back to a scalar loop (100x slower on an
     AVX2-only CPU). The update computed either way is the one of that explicit dtype."""
     params, grads = fixed_tensors(SHAPES, seed=4)
     cpus = (
