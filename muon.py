@@ -52,8 +52,8 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where a bf16 matmul runs on native kernels, else float32.
 
     GPUs since Ampere (compute capability 8) have them; older ones only emulate bf16. On an x86 CPU, native means
-    the AVX512_BF16 or AMX-BF16 instructions. Without them oneDNN converts to float32 and back around every
-    product (AVX-512 without bf16), or torch falls back to a scalar loop (AVX2 only). Measured, a 256x1024 @
+    the AVX512_BF16 or AMX-BF16 instructions. Without them oneDNN emulates those (AVX-512 without bf16,
+    although it reports bf16 as supported), or torch falls back to a scalar loop (AVX2 only). Measured, a 256x1024 @
     1024x256 product, 1 thread: 2-core AMD EPYC with AVX2 only, 1.1 GFLOP/s in bf16 vs 116 in fp32 (the demo's
     pretraining ran 4x slower: 546 vs 2,210 tokens/s); 2-core Intel Xeon with AVX-512 but no AVX512_BF16, 27 vs 98.
     float32 there is both faster and more precise. Other CPUs (Arm) also get float32: the safe side.
